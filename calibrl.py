@@ -1,0 +1,758 @@
+"""
+calibrl.py -- CalibRL in one file: hybrid-policy RLVR for vision-language models.
+
+CalibRL (ICLR 2026, "Controllable Exploration in Hybrid-Policy RLVR for Multi-Modal Reasoning") is
+GRPO-style RL with verifiable rewards where each prompt's group of G on-policy rollouts is joined by
+one expert trajectory. The expert is not imitated: its token log-probs under pi_old are a
+calibration baseline l^E in a LeakyReLU-gated, |advantage|-weighted extra term (Eq. C below).
+The objective is the one the official code (github.com/zhh6425/CalibRL, a verl fork) computes;
+../shared/calibrl-spec.md in the development tree is the written specification.
+
+Run it:
+    python calibrl.py                                   # embedded demo: tiny Qwen2.5-VL, CPU, minutes
+    python calibrl.py --algo grpo --steps 2             # a baseline: grpo | luffy | rlplus | calibrl
+    torchrun --nproc_per_node=8 calibrl.py --model Qwen/Qwen2.5-VL-3B-Instruct --data train.parquet
+    python calibrl.py --eval-only --model runs/x/checkpoint-50 --eval-data val.jsonl
+
+Shapes: P prompts, G rollouts per prompt, R rows (= P*G on-policy rows + at most P expert rows),
+L prompt length (left-padded), T response length (right-padded), H hidden size, V vocab size.
+Alignment: the logits at sequence position t predict token t+1, so the response tokens at
+positions [L, L+T) are scored by the hidden states at positions [L-1, L+T-1).
+
+Departures from the paper and the official code (see README):
+ 1. l^E at the position right after the expert's last token is 0 like every other position past
+    the expert (the official value there is an artefact of sequence packing).
+ 2. The token-mean is over the whole mini-batch across micro-batches and ranks (num_tokens), so
+    the update does not depend on micro-batch size or GPU count (official: per micro-batch).
+ 3. A prompt without an expert solution (or with pass_ratio <= 0) has l^E = 0 everywhere (the
+    official code inserts a 2-token dummy expert).
+ 4. alpha and lam are flags (hard-coded 0.5 and 0.1 in the official code).
+ 5. A group with one on-policy row has A = 0 (official: mean 0, std 1, so A = r).
+ 6. The official "GRPO" baseline (kept here) has no std normalisation, dual clip and token-mean:
+    closer to Dr.GRPO / DAPO than to the original GRPO.
+ 7. Mini-batches hold whole groups (120 prompts = 4 optimizer steps per training step in the paper
+    preset; the official code sizes them in rows and makes a short fifth one).
+ 8. Rows whose advantage is exactly 0 contribute exactly 0 to loss and gradient; they are counted
+    in the token-mean but not run through the model in the update.
+"""
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Configuration: one block; every field is a --flag, its help string is the docstring.
+
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+@dataclass
+class Args:
+    model: str = arg(None, "HF id or local path; default: the tiny Qwen2.5-VL in data/")
+    data: str = arg(None, "training data, .parquet or .jsonl; default: the bundled demo data")
+    eval_data: str = arg(None, "validation data (same schema); default with the demo: its val split")
+    algo: str = arg("calibrl", "calibrl | grpo | luffy | rlplus")
+    preset: str = arg(None, "demo | paper; default: demo without --model, paper with it")
+    steps: int = arg(60, "training steps (one step = rollout + log-probs + update)")
+    output_dir: str = arg(None, "run folder; default runs/<algo>-<timestamp>")
+    resume: bool = arg(False, "continue from the newest complete checkpoint in --output-dir")
+    save_every: int = arg(0, "checkpoint every N steps (0: only at the end)")
+    eval_every: int = arg(10, "evaluate on --eval-data every N steps (0: never)")
+    eval_only: bool = arg(False, "only evaluate --model on --eval-data and exit")
+    eval_samples: int = arg(4, "k sampled responses per problem for eval/accuracy and eval/pass@k")
+    eval_max_prompts: int = arg(0, "evaluate on at most this many problems (0: all)")
+    seed: int = arg(0, "seed of the training stream (data order, sampling, mixup)")
+    group_size: int = arg(8, "G: on-policy rollouts per prompt")
+    prompts_per_step: int = arg(16, "prompts per training step, over all ranks")
+    mini_batch_prompts: int = arg(16, "prompts (whole groups) per optimizer step, over all ranks")
+    micro_batch_size: int = arg(64, "rows per forward/backward (gradient accumulation)")
+    rollout_batch_prompts: int = arg(64, "prompts per generate call on each rank")
+    ppo_epochs: int = arg(1, "passes over the step's rollouts")
+    lr: float = arg(1e-3, "AdamW learning rate (constant after warm-up)")
+    warmup_steps: int = arg(0, "optimizer steps of linear learning-rate warm-up")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    max_grad_norm: float = arg(1.0, "gradient-norm clip")
+    temperature: float = arg(1.0, "sampling temperature (also used for every log-prob)")
+    top_p: float = arg(1.0, "nucleus sampling")
+    max_prompt_length: int = arg(512, "prompt tokens at most (images included)")
+    max_response_length: int = arg(48, "response tokens at most")
+    clip_low: float = arg(0.2, "PPO clip epsilon below 1")
+    clip_high: float = arg(0.2, "PPO clip epsilon above 1")
+    clip_c: float = arg(3.0, "dual-clip constant c for A < 0")
+    alpha: float = arg(0.5, "LeakyReLU negative slope of the guided term")
+    lam: float = arg(0.1, "weight lambda of the guided term")
+    std_normalize: bool = arg(False, "divide advantages by the group's std + 1e-6")
+    mixup: str = arg("random", "random | pass: which groups keep their expert row (LUFFY, RL-PLUS)")
+    mixup_ratio: float = arg(1.0, "mixup random: probability that a group keeps its expert row")
+    mixup_pass_min: float = arg(0.0, "mixup pass: keep the expert if the group's pass rate >= this")
+    mixup_pass_max: float = arg(0.5, "mixup pass: ... and <= this")
+    solution_key: str = arg("solution", "row field holding the expert solution")
+    answer_key: str = arg("answer", "row field holding the ground truth (else reward_model.ground_truth)")
+    gradient_checkpointing: bool = arg(False, "recompute activations in backward")
+    dtype: str = arg("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16")
+    fused: str = arg("auto", "auto | on | off: the fused Triton log-prob/loss op (auto: on with CUDA)")
+    tensorboard: bool = arg(False, "also write TensorBoard events to --output-dir")
+
+PRESETS = {
+    # Official recipe (spec: "Training step"); steps is ours: the spec does not record a total.
+    "paper": dict(group_size=10, prompts_per_step=480, mini_batch_prompts=120, micro_batch_size=8,
+                  rollout_batch_prompts=16, lr=1e-6, weight_decay=0.01, max_grad_norm=1.0,
+                  temperature=1.0, top_p=1.0, max_prompt_length=20480, max_response_length=4096,
+                  clip_low=0.2, clip_high=0.2, clip_c=3.0, alpha=0.5, lam=0.1, steps=100,
+                  save_every=20, eval_every=10, gradient_checkpointing=True),
+    # Sized for 2 CPU cores and the tiny model (the dataclass defaults are this preset).
+    "demo": {},
+}
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Args):
+        name = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            p.add_argument(name, action="store_true", default=argparse.SUPPRESS, help=f.metadata["help"])
+        else:
+            p.add_argument(name, type=f.type, default=argparse.SUPPRESS, help=f"{f.metadata['help']} [{f.default}]")
+    given = vars(p.parse_args(argv))  # only the flags the user typed
+    preset = given.get("preset") or ("paper" if given.get("model") else "demo")
+    if preset not in PRESETS:
+        p.error(f"--preset must be one of {list(PRESETS)}")
+    args = Args(**{**PRESETS[preset], **given, "preset": preset})  # explicit flags beat the preset
+    if args.algo not in ("calibrl", "grpo", "luffy", "rlplus"):
+        p.error("--algo must be calibrl, grpo, luffy or rlplus")
+    return args
+
+# -----------------------------------------------------------------------------
+# Distributed set-up: torchrun sets RANK / WORLD_SIZE; a plain `python calibrl.py` is rank 0 of 1.
+
+def setup_distributed():
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+def all_sum(x):
+    """Sum a float or tensor over ranks (identity on one process)."""
+    t = torch.as_tensor(x, dtype=torch.float64).clone()
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t if torch.is_tensor(x) else t.item()
+
+# -----------------------------------------------------------------------------
+# Model and processor: transformers auto classes; VLMs get images, text-only LMs get text.
+
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+DEMO_MODEL = os.path.join(DATA_DIR, "tiny-qwen2.5-vl")
+DEMO_TRAIN, DEMO_VAL = os.path.join(DATA_DIR, "demo", "train.jsonl"), os.path.join(DATA_DIR, "demo", "val.jsonl")
+
+def load_processor(path, config):
+    import transformers
+    from transformers import AutoProcessor, AutoTokenizer
+    if not hasattr(config, "vision_config"):  # text-only LM
+        return AutoTokenizer.from_pretrained(path)
+    try:
+        proc = AutoProcessor.from_pretrained(path)
+        if hasattr(proc, "image_processor"):
+            return proc
+    except (ImportError, ValueError, OSError, AttributeError):
+        pass
+    # Without torchvision, Qwen2-VL-family processors fail on their video processor. The same class
+    # with an __init__ that takes no video processor handles images identically; it keeps the base
+    # class's name so its saved processor_config.json loads as the real one where torchvision exists.
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+    base = getattr(transformers, PROCESSOR_MAPPING_NAMES[config.model_type])
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kw):
+        base.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kw)
+    return type(base.__name__, (base,), {"__init__": __init__}).from_pretrained(path)
+
+def load_model(path, dtype, device):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    config = AutoConfig.from_pretrained(path)
+    is_vlm = hasattr(config, "vision_config")
+    cls = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
+    model = cls.from_pretrained(path, dtype=dtype).to(device)
+    processor = load_processor(path, config)
+    tok = getattr(processor, "tokenizer", processor)
+    if tok.chat_template is None and getattr(processor, "chat_template", None) is None:
+        raise SystemExit(f"error: model {path}: its tokenizer/processor has no chat template")
+    return model, processor, is_vlm
+
+# -----------------------------------------------------------------------------
+# Data: .parquet or .jsonl rows -> examples {messages, images, answer, solution}.
+
+INSTRUCTION = ("You FIRST think about the reasoning process as an internal monologue and then provide the "
+               "final answer. The reasoning process MUST BE enclosed within <think> </think> tags. The final "
+               "answer MUST BE put in <answer> </answer> tags.")
+
+def read_rows(path):
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        return pq.read_table(path).to_pylist()
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+def to_parts(text):
+    """'<image>What is x?' -> [{'type': 'image'}, {'type': 'text', 'text': 'What is x?'}]"""
+    parts = []
+    for i, piece in enumerate(text.split("<image>")):
+        if i > 0:
+            parts.append({"type": "image"})
+        if piece.strip():
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+def to_example(row, args, base_dir):
+    prompt = row["prompt"]
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    messages = [{"role": m["role"], "content": to_parts(m["content"]) if isinstance(m["content"], str) else list(m["content"])}
+                for m in prompt]
+    texts = [p for m in messages if m["role"] == "user" for p in m["content"] if p.get("type") == "text"]
+    if texts and INSTRUCTION not in texts[-1]["text"]:  # spec: the instruction follows the question
+        texts[-1]["text"] = texts[-1]["text"].rstrip() + " " + INSTRUCTION
+    images = [{"path": os.path.join(base_dir, im)} if isinstance(im, str) else
+              {"path": os.path.join(base_dir, im["path"])} if im.get("bytes") is None else im
+              for im in (row.get("images") or [])]
+    answer = row[args.answer_key] if row.get(args.answer_key) is not None else row["reward_model"]["ground_truth"]
+    solution = row.get(args.solution_key)
+    if isinstance(solution, (list, tuple)):
+        solution = solution[0] if solution else None
+    if isinstance(solution, dict):
+        solution = solution.get("content")
+    if row.get("pass_ratio") is not None and row["pass_ratio"] <= 0:  # official format: no expert
+        solution = None
+    return dict(messages=messages, images=images, answer=str(answer), solution=solution or None)
+
+def open_image(ref):
+    from PIL import Image
+    im = Image.open(io.BytesIO(ref["bytes"]) if ref.get("bytes") is not None else ref["path"])
+    return im.convert("RGB")
+
+def load_examples(path, args):
+    return [to_example(row, args, os.path.dirname(os.path.abspath(path))) for row in read_rows(path)]
+
+class PromptStream:
+    """Cycles through the data by epoch, reshuffled with the seed each epoch; state is (epoch, pos)."""
+    def __init__(self, n, seed):
+        self.n, self.seed, self.epoch, self.pos = n, seed, 0, 0
+    def take(self, k):
+        out = []
+        while len(out) < k:  # a dataset smaller than one step is simply reused
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            j = min(self.n - self.pos, k - len(out))
+            out += order[self.pos:self.pos + j].tolist()
+            self.pos += j
+            if self.pos == self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+        return out
+
+# -----------------------------------------------------------------------------
+# Reward (official recipe): r = acc + 0.1 * fmt; a sample passed <=> acc == 1.
+
+ANSWER_RE = re.compile(r"<answer>\s*([^<]+?)\s*</answer>")
+FORMAT_RE = re.compile(r"^<think>.*?</think>.*?<answer>.*?</answer>$", re.DOTALL)
+UNIT_RE = re.compile(r"(?<=\d)(?:cm²|cm|minutes|meters|a\.m\.|p\.m\.|\\%|%)")
+
+def normalize_answer(s):
+    s = s.replace("dfrac", "frac")
+    s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"\s+", "", s)
+    s = s.replace("\\varnothing", "\\emptyset")
+    s = UNIT_RE.sub("", s)  # units and percent signs that follow a number
+    return re.sub(r"\\degree|degrees|°", r"^\\circ", s)
+
+def math_equal(pred, gt):
+    from math_verify import parse, verify
+    wrap = lambda s: s if "\\boxed" in s else "\\boxed{" + s + "}"
+    gold = parse(wrap(gt))
+    letter = str(gold[-1]).strip() if gold else ""
+    if len(letter) == 1 and letter in "ABCDEFGHIJK":  # multiple choice: compare the letter
+        return float(wrap(pred).split("\\boxed{", 1)[1].startswith(letter))
+    return float(verify(gold, parse(wrap(pred))))
+
+def reward_fn(response, ground_truth):
+    """-> (accuracy, format) in {0,1}^2; never raises."""
+    fmt = float(FORMAT_RE.fullmatch(response) is not None)
+    m = ANSWER_RE.search(response)
+    if m is None:
+        return 0.0, fmt
+    try:
+        pred, gt = normalize_answer(m.group(1)), normalize_answer(str(ground_truth))
+        return (1.0 if pred == gt else math_equal(pred, gt)), fmt
+    except Exception:
+        return 0.0, fmt
+
+# -----------------------------------------------------------------------------
+# Rollout: G sampled responses per prompt; the expert solution joins the group as row G+1.
+
+def encode_prompt(processor, ex, is_vlm):
+    """One prompt -> {input_ids (1, L), attention_mask (1, L), [mm_token_type_ids, pixel_values, image_grid_thw]}."""
+    msgs = ex["messages"]
+    if not is_vlm:  # text-only chat templates take plain strings
+        msgs = [{"role": m["role"], "content": "".join(p.get("text", "") for p in m["content"])} for m in msgs]
+    text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    if is_vlm:
+        images = [open_image(r) for r in ex["images"]]
+        return dict(processor(text=[text], images=images or None, return_tensors="pt"))
+    return dict(processor([text], return_tensors="pt", add_special_tokens=False))
+
+def collate(encs, responses, pad_id, device):
+    """Left-pad prompts to L, right-pad responses to T: the response of every row starts at column L.
+    encs: one prompt encoding per row; responses: one (T_i,) LongTensor per row, or None."""
+    L = max(e["input_ids"].shape[1] for e in encs)
+    T = max(len(r) for r in responses) if responses else 0
+    B = len(encs)
+    ids = torch.full((B, L + T), pad_id, dtype=torch.long)   # (B, L+T)
+    attn = torch.zeros(B, L + T, dtype=torch.long)            # (B, L+T)
+    mm = torch.zeros(B, L + T, dtype=torch.long)              # (B, L+T) 1 on image tokens
+    for i, e in enumerate(encs):
+        n = e["input_ids"].shape[1]
+        ids[i, L - n:L], attn[i, L - n:L] = e["input_ids"][0], e["attention_mask"][0]
+        if "mm_token_type_ids" in e:
+            mm[i, L - n:L] = e["mm_token_type_ids"][0]
+        if responses:
+            ids[i, L:L + len(responses[i])], attn[i, L:L + len(responses[i])] = responses[i], 1
+    batch = dict(input_ids=ids, attention_mask=attn)
+    if "mm_token_type_ids" in encs[0]:
+        batch["mm_token_type_ids"] = mm
+    if any("pixel_values" in e for e in encs):  # images of every row, in row order
+        batch["pixel_values"] = torch.cat([e["pixel_values"] for e in encs if "pixel_values" in e])
+        batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in encs if "image_grid_thw" in e])
+    return {k: v.to(device) for k, v in batch.items()}, L
+
+@torch.no_grad()
+def generate(model, tok, encs, n, args, device, greedy=False):
+    """n responses per prompt -> list (len(encs) * n) of (T_i,) LongTensors ending in eos unless truncated."""
+    from transformers import GenerationConfig
+    cfg = model.config
+    vision_ids = [getattr(cfg, k, None) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                                   "vision_end_token_id", "vision_token_id")]
+    gen = GenerationConfig(do_sample=not greedy, temperature=args.temperature if not greedy else None,
+                           top_p=args.top_p if not greedy else None, top_k=0 if not greedy else None,
+                           max_new_tokens=args.max_response_length, num_return_sequences=n,
+                           eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+                           suppress_tokens=[i for i in vision_ids if i is not None] or None)  # untrained models sample <|image_pad|>
+    out = []
+    for i in range(0, len(encs), args.rollout_batch_prompts):
+        batch, L = collate(encs[i:i + args.rollout_batch_prompts], None, tok.pad_id, device)
+        seqs = model.generate(**batch, generation_config=gen, synced_gpus=torch.distributed.is_initialized())
+        for s in seqs[:, L:].cpu():  # (B*n, T_gen): cut after the first eos
+            end = (s == tok.eos_id).nonzero()
+            out.append(s[: end[0, 0] + 1] if len(end) else s[s != tok.pad_id])
+    return out
+
+def rollout(model, tok, examples, encs, args, device):
+    """-> rows: list of dicts(prompt, resp (T_i,), expert, reward, acc, fmt); G on-policy rows then
+    (unless grpo, and when the prompt has a solution) its expert row, for every prompt."""
+    G = args.group_size
+    samples = generate(model, tok, encs, G, args, device)
+    rows = []
+    for p, ex in enumerate(examples):
+        group = [dict(prompt=p, resp=samples[p * G + g], expert=False) for g in range(G)]
+        if args.algo != "grpo" and ex["solution"] is not None:  # expert = solution + end-of-turn
+            ids = tok(ex["solution"], add_special_tokens=False)["input_ids"] + [tok.eos_id]
+            group.append(dict(prompt=p, resp=torch.tensor(ids[: args.max_response_length]), expert=True))
+        for r in group:
+            text = tok.decode(r["resp"], skip_special_tokens=True)
+            r["acc"], r["fmt"] = reward_fn(text, ex["answer"])
+            r["reward"] = r["acc"] + 0.1 * r["fmt"]
+        rows += group
+    return rows
+
+# -----------------------------------------------------------------------------
+# Log-probs: one function scores response tokens for pi_old, the expert baseline and the update.
+
+def token_logprobs(logits, targets, temperature=1.0):
+    """Readable reference (the fused kernel is tested against it).
+    logits (..., V) any float dtype, targets (...) -> fp32 log pi(target) and entropy, both (...)."""
+    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)           # (..., V) fp32
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)                # (...)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)                               # (...)
+    return logp, entropy
+
+def response_hidden(model, encs, resps, pad_id, device):
+    """Final hidden states that score the response tokens: (B, T, H), and the targets (B, T).
+    Only response positions reach the LM head (prompt and image tokens never do)."""
+    batch, L = collate(encs, resps, pad_id, device)
+    h = model.model(**batch).last_hidden_state                                   # (B, L+T, H)
+    return h[:, L - 1:-1], batch["input_ids"][:, L:]                             # position t predicts t+1
+
+def response_logprobs(model, encs, resps, args, device, pad_id):
+    """-> logp, entropy (B, T) fp32 under the current weights (fused or readable path)."""
+    hidden, targets = response_hidden(model, encs, resps, pad_id, device)
+    head = model.get_output_embeddings().weight                                  # (V, H)
+    if args.fused_on:
+        from kernels import fused_logprobs
+        B, T, H = hidden.shape
+        logp, ent = fused_logprobs(hidden.reshape(B * T, H), head, targets.reshape(-1), args.temperature)
+        return logp.view(B, T), ent.view(B, T)
+    return token_logprobs(hidden @ head.T, targets, args.temperature)
+
+# -----------------------------------------------------------------------------
+# Advantages (Eq. A): A_i = r_i - mean of the group's on-policy rewards (expert excluded).
+
+def group_advantages(rewards, group_size, std_normalize=False, eps=1e-6, expert_rewards=None):
+    """rewards (P*G,) on-policy rows only, contiguous groups -> A (P*G,);
+    with expert_rewards (P,) also A_E = r_E - mu (P,), used by LUFFY and RL-PLUS."""
+    r = rewards.view(-1, group_size)                                             # (P, G)
+    mu = r.mean(1, keepdim=True)                                                 # (P, 1)
+    adv = r - mu
+    scale = torch.ones_like(mu)
+    if std_normalize and group_size > 1:
+        scale = r.std(1, keepdim=True) + eps                                     # unbiased std
+    if group_size == 1:  # decision 5: a lone rollout has no baseline to beat
+        adv = torch.zeros_like(adv)
+    adv = (adv / scale).reshape(-1)
+    if expert_rewards is None:
+        return adv
+    return adv, ((expert_rewards.view(-1, 1) - mu) / scale).view(-1)
+
+# -----------------------------------------------------------------------------
+# Loss (Eq. C) and the baselines, per token, token-mean over the counted rows.
+
+def policy_loss(logp, old_logp, advantages, mask, *, algo="calibrl", expert_logp=None, passed=None,
+                expert_rows=None, clip_low=0.2, clip_high=0.2, clip_c=3.0, alpha=0.5, lam=0.1, num_tokens=None):
+    """logp/old_logp/expert_logp/mask (R, T); advantages/passed/expert_rows (R,).
+    expert_logp is each row's baseline l^E, already broadcast; on an expert row, old_logp is pi_old(e_t).
+    Returns (sum of per-token losses over valid tokens of counted rows) / (num_tokens or own count)."""
+    R, T = logp.shape
+    mask = mask.to(logp.dtype)
+    is_exp = torch.zeros(R, dtype=torch.bool, device=logp.device) if expert_rows is None else expert_rows.bool()
+    on = mask * (~is_exp)[:, None]                                               # (R, T) on-policy tokens
+    A = advantages.to(logp.dtype)[:, None]                                       # (R, 1)
+    log_ratio = torch.where(mask > 0, logp - old_logp, torch.zeros_like(logp))  # 0 on padding: no inf/nan
+    rho = log_ratio.exp()                                                        # (R, T)
+    # Eq. C, dual-clip PPO: max(-A rho, -A clip(rho)); for A < 0 also capped at -A c
+    pg1, pg2 = -A * rho, -A * rho.clamp(1 - clip_low, 1 + clip_high)
+    ppo = torch.maximum(pg1, pg2)
+    ppo = torch.where(A < 0, torch.minimum(ppo, -A * clip_c), ppo)
+    per_tok = ppo * on
+    g = torch.zeros_like(logp)
+    if algo == "calibrl":
+        # Eq. C, guided term: g = |A| * LeakyReLU_alpha(-s (log pi - l^E)), s = +1 passed, -1 failed
+        s = passed.to(logp.dtype)[:, None] * 2 - 1                               # (R, 1)
+        base = expert_logp if expert_logp is not None else torch.zeros_like(logp)
+        g = A.abs() * F.leaky_relu(-s * (logp - base), alpha)
+        per_tok = per_tok + lam * g * on                                         # expert rows: excluded
+    elif algo in ("luffy", "rlplus"):
+        p = torch.where(mask > 0, logp, torch.zeros_like(logp)).exp()            # pi_theta(e_t)
+        if algo == "luffy":  # shaped off-policy term: -A_E f(p), f(p) = p / (p + 0.1); no ratio, no clip
+            off = -A * p / (p + 0.1)
+        else:  # RL-PLUS: -A_E w sg[(1 - p)^0.5], w = 2p / (pi_old + (pi_old + 1) / 2)
+            p_old = torch.where(mask > 0, old_logp, torch.zeros_like(logp)).exp()
+            off = -A * (2 * p / (p_old + 0.5 * (p_old + 1))) * (1 - p).clamp(min=0).sqrt().detach()
+        per_tok = per_tok + off * mask * is_exp[:, None]
+    elif algo != "grpo":
+        raise ValueError(f"unknown algo {algo!r}")
+    counted = on if algo in ("calibrl", "grpo") else mask
+    own = counted.sum()
+    loss = (per_tok * counted).sum() / (num_tokens if num_tokens is not None else own.clamp(min=1))
+    with torch.no_grad():
+        n = on.sum().clamp(min=1)
+        metrics = {"loss/clipfrac": ((pg2 > pg1).float() * on).sum() / n,
+                   "loss/dualclip_frac": (((A < 0) & (torch.maximum(pg1, pg2) > -A * clip_c)).float() * on).sum() / n,
+                   "loss/ratio": (rho * on).sum() / n,
+                   "loss/ratio_max_dev": ((rho - 1).abs() * on).max(),
+                   "loss/ppo": (ppo * on).sum() / n,
+                   "loss/guided": (g * on).sum() / n,
+                   "loss/approx_kl": (-log_ratio * on).sum() / n,
+                   "tokens": own}
+    return loss, metrics
+
+# -----------------------------------------------------------------------------
+# Update: pi_old pass, then mini-batches of whole groups, micro-batches with gradient accumulation.
+
+def micro_batches(items, size):
+    """Chunks of `size`; under torchrun every rank runs the same number of forwards (FSDP's
+    collectives must pair up), so a rank with fewer items repeats one with weight 0."""
+    n = math.ceil(len(items) / size)
+    n_all = int(all_max(n))
+    chunks = [(items[i * size:(i + 1) * size], 1.0) for i in range(n)]
+    return chunks + [(chunks[0][0] if chunks else [], 0.0)] * (n_all - n)
+
+def all_max(x):
+    t = torch.tensor(float(x))
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.item()
+
+def pad_rows(vectors, T):
+    """list of 1-D tensors -> (len, T), zero-padded."""
+    out = torch.zeros(len(vectors), T, dtype=vectors[0].dtype)
+    for i, v in enumerate(vectors):
+        out[i, :min(len(v), T)] = v[:T]
+    return out
+
+@torch.no_grad()
+def score_rows(model, encs, rows, args, device, pad_id, dummy):
+    """pi_old log-probs and entropy of every row (on-policy and expert), at the rollout temperature."""
+    for chunk, w in micro_batches(rows, args.micro_batch_size):
+        chunk = chunk or [dummy]
+        logp, ent = response_logprobs(model, [encs[r["prompt"]] for r in chunk], [r["resp"] for r in chunk], args, device, pad_id)
+        for r, lp, en in zip(chunk, logp.cpu(), ent.cpu()):
+            if w:
+                r["old_logp"], r["entropy"] = lp[:len(r["resp"])], en[:len(r["resp"])]
+
+def attach_advantages(rows, args):
+    """Eq. A per group; l^E (Eq. B) broadcast to the group; mixup decides LUFFY / RL-PLUS expert rows."""
+    G = args.group_size
+    groups = [rows[i:j] for i, j in group_bounds(rows)]
+    for grp in groups:
+        on, exp = grp[:G], (grp[G] if len(grp) > G else None)
+        r_on = torch.tensor([r["reward"] for r in on])
+        r_exp = torch.tensor([exp["reward"] if exp else 0.0])
+        adv, adv_e = group_advantages(r_on, G, args.std_normalize, expert_rewards=r_exp)
+        for r, a in zip(on, adv.tolist()):
+            r["adv"], r["passed"] = a, r["acc"] == 1.0           # passed from accuracy, never from a float reward
+            r["base"] = exp["old_logp"] if exp else torch.zeros(0)  # Eq. B: l^E, aligned by position
+        if exp:
+            pass_rate = sum(r["passed"] for r in on) / G
+            keep = (torch.rand(()).item() < args.mixup_ratio if args.mixup == "random"
+                    else args.mixup_pass_min <= pass_rate <= args.mixup_pass_max)
+            exp.update(adv=adv_e.item(), passed=exp["acc"] == 1.0, base=exp["old_logp"],
+                       in_loss=keep and args.algo in ("luffy", "rlplus"))  # CalibRL: never in the loss
+        for r in on:
+            r["in_loss"] = True
+    return groups
+
+def group_bounds(rows):
+    starts = [i for i, r in enumerate(rows) if i == 0 or r["prompt"] != rows[i - 1]["prompt"]]
+    return list(zip(starts, starts[1:] + [len(rows)]))
+
+def update(model, opt, sched, encs, groups, args, device, pad_id, world):
+    """One PPO epoch (or more) over the step's rollouts; returns the metrics of the update."""
+    stats, first_dev, dummy = {}, 0.0, groups[0][0]
+    P = len(groups)
+    mb = args.mini_batch_prompts // world                       # prompts per mini-batch on this rank
+    for epoch in range(args.ppo_epochs):
+        for m0 in range(0, P, mb):
+            rows = [r for grp in groups[m0:m0 + mb] for r in grp if r["in_loss"]]
+            num_tokens = all_sum(sum(len(r["resp"]) for r in rows))   # decision 2: whole mini-batch, all ranks
+            live = [r for r in rows if r["adv"] != 0.0]                # departure 8: A = 0 rows add exactly 0
+            for chunk, w in micro_batches(live, args.micro_batch_size):
+                chunk = chunk or [dummy]
+                T = max(len(r["resp"]) for r in chunk)
+                mask = pad_rows([torch.ones(len(r["resp"])) for r in chunk], T).to(device)  # (B, T)
+                old = pad_rows([r["old_logp"] for r in chunk], T).to(device)              # (B, T)
+                base = pad_rows([torch.cat([r["base"], torch.zeros(T)]) for r in chunk], T).to(device)
+                adv = torch.tensor([r["adv"] for r in chunk], device=device)               # (B,)
+                passed = torch.tensor([r["passed"] for r in chunk], device=device)
+                is_exp = torch.tensor([r["expert"] for r in chunk], device=device)
+                hidden, targets = response_hidden(model, [encs[r["prompt"]] for r in chunk],
+                                                  [r["resp"] for r in chunk], pad_id, device)
+                head = model.get_output_embeddings().weight
+                kw = dict(algo=args.algo, expert_logp=base, passed=passed, expert_rows=is_exp,
+                          clip_low=args.clip_low, clip_high=args.clip_high, clip_c=args.clip_c,
+                          alpha=args.alpha, lam=args.lam, num_tokens=max(num_tokens, 1.0))
+                if args.fused_on:
+                    from kernels import fused_policy_loss
+                    loss, m = fused_policy_loss(hidden, head, targets, old, mask, advantages=adv,
+                                                temperature=args.temperature, **kw)
+                else:
+                    logp, _ = token_logprobs(hidden @ head.T, targets, args.temperature)   # (B, T)
+                    loss, m = policy_loss(logp, old, adv, mask, **kw)
+                # gradients are averaged over ranks; the loss is already a global token-mean: undo it
+                (loss * w * world).backward()
+                n = m.pop("tokens").item() * w
+                for k, v in m.items():
+                    add(stats, k, v.item(), n)
+                if epoch == 0 and m0 == 0 and w:  # self-check: theta == theta_old before the first step
+                    first_dev = max(first_dev, m["loss/ratio_max_dev"].item())
+            grad_norm = clip_grad_norm(model, args.max_grad_norm)
+            if math.isfinite(grad_norm):
+                opt.step()
+                sched.step()
+            add(stats, "loss/skipped_frac", float(not math.isfinite(grad_norm)))  # non-finite: step skipped
+            add(stats, "loss/grad_norm", grad_norm if math.isfinite(grad_norm) else 0.0, 1)
+            opt.zero_grad(set_to_none=True)
+    stats.pop("loss/ratio_max_dev", None)
+    return stats, all_max(first_dev)
+
+def add(stats, key, value, n=1):
+    """stats[key] = [sum of value * n, sum of n]: a weighted mean, reduced over ranks when logged."""
+    s = stats.setdefault(key, [0.0, 0.0])
+    s[0], s[1] = s[0] + value * n, s[1] + n
+
+def clip_grad_norm(model, max_norm):
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+# -----------------------------------------------------------------------------
+# Evaluation: k samples at the training temperature + greedy, on a random stream of its own.
+
+@torch.no_grad()
+def evaluate(model, tok, processor, examples, args, device, is_vlm, rank, world):
+    examples = examples[: args.eval_max_prompts or None][rank::world]
+    k, stats = args.eval_samples, {}
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # the training stream is left exactly as it was
+        torch.manual_seed(10_000 + args.seed + rank)
+        for i in range(0, len(examples), args.rollout_batch_prompts):
+            exs = examples[i:i + args.rollout_batch_prompts]
+            encs = [encode_prompt(processor, ex, is_vlm) for ex in exs]
+            sampled = generate(model, tok, encs, k, args, device)
+            greedy = generate(model, tok, encs, 1, args, device, greedy=True)
+            for p, ex in enumerate(exs):
+                scores = [reward_fn(tok.decode(s, skip_special_tokens=True), ex["answer"]) for s in sampled[p * k:(p + 1) * k]]
+                add(stats, "eval/accuracy", sum(a for a, _ in scores) / k)
+                add(stats, "eval/pass@k", float(any(a == 1.0 for a, _ in scores)))
+                add(stats, "eval/format", sum(f for _, f in scores) / k)
+                add(stats, "eval/response_length", sum(len(s) for s in sampled[p * k:(p + 1) * k]) / k)
+                add(stats, "eval/greedy_accuracy", reward_fn(tok.decode(greedy[p], skip_special_tokens=True), ex["answer"])[0])
+    return stats
+
+# -----------------------------------------------------------------------------
+# Logging and checkpoints: one line per step, metrics.jsonl always, TensorBoard on request.
+
+def reduce_stats(stats):
+    """[sum, n] per key, summed over ranks -> {key: mean}. Every rank holds the same keys."""
+    keys = sorted(stats)
+    t = all_sum(torch.tensor([v for k in keys for v in stats[k]], dtype=torch.float64)).view(-1, 2)
+    return {k: (s / n if n else 0.0) for k, (s, n) in zip(keys, t.tolist())}
+
+class Logger:
+    def __init__(self, out_dir, rank, tensorboard):
+        self.rank, self.path, self.tb = rank, os.path.join(out_dir, "metrics.jsonl"), None
+        if rank == 0 and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(out_dir)
+
+    def log(self, step, metrics):
+        if self.rank != 0:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.tb:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+        if "train/reward" in metrics:
+            m = metrics
+            print(f"step {step:4d} | reward {m['train/reward']:.3f} acc {m['train/accuracy']:.3f} "
+                  f"fmt {m['train/format']:.2f} | ent {m['train/entropy']:.3f} clip {m.get('loss/clipfrac', 0):.3f} "
+                  f"guided {m.get('loss/guided', 0):.4f} | len {m['train/response_length']:.1f} | "
+                  f"t {m['time/rollout']:.1f}/{m['time/logprob']:.1f}/{m['time/update']:.1f}s "
+                  f"{m['perf/tokens_per_sec']:.0f} tok/s", flush=True)
+        if "eval/accuracy" in metrics:
+            print(f"eval {step:4d} | " + " ".join(f"{k[5:]} {metrics[k]:.3f}" for k in sorted(metrics) if k.startswith("eval/")), flush=True)
+
+def save_checkpoint(model, processor, opt, out_dir, step, rank):
+    """checkpoint-<step>/: save_pretrained layout; written under a temporary name, then renamed."""
+    final = os.path.join(out_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        os.replace(tmp, final) if not os.path.exists(final) else None
+    return final
+
+# -----------------------------------------------------------------------------
+# Main loop: rollout -> pi_old log-probs and l^E -> advantages -> update -> log / eval / save.
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed()
+    say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    torch.manual_seed(args.seed * 1000 + rank)  # the training stream: sampling and mixup, per rank
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    if args.fused == "auto":
+        import importlib.util
+        args.fused_on = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    else:
+        args.fused_on = args.fused == "on"
+    if args.model is None and not os.path.exists(DEMO_MODEL):
+        say("building the demo model and data (data/make_demo.py) ...")
+        import subprocess
+        subprocess.run([sys.executable, os.path.join(DATA_DIR, "make_demo.py")], check=True)
+    model_path = args.model or DEMO_MODEL
+    if args.data is None:
+        args.data, args.eval_data = DEMO_TRAIN, args.eval_data or DEMO_VAL
+        if args.model:
+            say(f"notice: no --data given; training {args.model} on the bundled demo data {args.data}")
+
+    model, processor, is_vlm = load_model(model_path, dtype, device)
+    tok = getattr(processor, "tokenizer", processor)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    tok.eos_id = im_end if isinstance(im_end, int) and im_end != tok.unk_token_id else tok.eos_token_id  # end of turn
+    tok.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_id
+    eval_set = load_examples(args.eval_data, args) if args.eval_data else []
+    out_dir = args.output_dir or os.path.join("runs", f"{args.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if torch.distributed.is_initialized():  # every rank uses rank 0's folder name
+        box = [out_dir]
+        torch.distributed.broadcast_object_list(box)
+        out_dir = box[0]
+    os.makedirs(out_dir, exist_ok=True)
+    logger = Logger(out_dir, rank, args.tensorboard)
+    if args.eval_only:
+        logger.log(0, reduce_stats(evaluate(model, tok, processor, eval_set, args, device, is_vlm, rank, world)))
+        return out_dir
+
+    data = load_examples(args.data, args)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
+    stream = PromptStream(len(data), args.seed)
+    assert args.prompts_per_step % world == 0 and args.mini_batch_prompts % world == 0, \
+        "--prompts-per-step and --mini-batch-prompts must be multiples of the number of ranks"
+    say(f"calibrl | algo {args.algo} | preset {args.preset} | model {model_path} | "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | {len(data)} train rows | "
+        f"world {world} | device {device} {dtype} | fused {args.fused_on} | out {out_dir}")
+    if eval_set and args.eval_every:
+        logger.log(0, reduce_stats(evaluate(model, tok, processor, eval_set, args, device, is_vlm, rank, world)))
+
+    for step in range(1, args.steps + 1):
+        t0 = time.time()
+        # each rank takes a strided shard, so mini-batch k holds the same groups for any world size
+        examples = [data[i] for i in stream.take(args.prompts_per_step)[rank::world]]
+        encs = [encode_prompt(processor, ex, is_vlm) for ex in examples]
+        model.eval()
+        rows = rollout(model, tok, examples, encs, args, device)
+        t1 = time.time()
+        score_rows(model, encs, rows, args, device, tok.pad_id, rows[0])
+        groups = attach_advantages(rows, args)
+        t2 = time.time()
+        model.train()
+        stats, first_dev = update(model, opt, sched, encs, groups, args, device, tok.pad_id, world)
+        t3 = time.time()
+
+        for r in rows:
+            if not r["expert"]:
+                for k in ("reward", "acc", "fmt"):
+                    add(stats, {"reward": "train/reward", "acc": "train/accuracy", "fmt": "train/format"}[k], r[k])
+                add(stats, "train/response_length", len(r["resp"]))
+                add(stats, "train/entropy", r["entropy"].mean().item(), len(r["resp"]))
+                add(stats, "train/zero_adv_rows", float(r["adv"] == 0.0))
+            else:
+                add(stats, "train/expert_accuracy", r["acc"])
+        metrics = reduce_stats(stats)
+        n_tokens = all_sum(sum(len(r["resp"]) for r in rows))
+        metrics.update({"loss/ratio_first_dev": first_dev, "time/rollout": t1 - t0, "time/logprob": t2 - t1,
+                        "time/update": t3 - t2, "time/step": t3 - t0, "perf/tokens_per_sec": n_tokens / (t3 - t0),
+                        "train/lr": sched.get_last_lr()[0]})
+        logger.log(step, metrics)
+        if eval_set and args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+            logger.log(step, reduce_stats(evaluate(model, tok, processor, eval_set, args, device, is_vlm, rank, world)))
+        if (args.save_every and step % args.save_every == 0) or step == args.steps:
+            save_checkpoint(model, processor, opt, out_dir, step, rank)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return out_dir
+
+if __name__ == "__main__":
+    main()
