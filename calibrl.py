@@ -44,6 +44,7 @@ import math
 import os
 import random
 import re
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -68,6 +69,7 @@ class Args:
     steps: int = arg(60, "training steps (one step = rollout + log-probs + update)")
     output_dir: str = arg(None, "run folder; default runs/<algo>-<timestamp>")
     resume: bool = arg(False, "continue from the newest complete checkpoint in --output-dir")
+    overwrite: bool = arg(False, "start afresh in an --output-dir that holds another run's checkpoints")
     save_every: int = arg(0, "checkpoint every N steps (0: only at the end)")
     eval_every: int = arg(10, "evaluate on --eval-data every N steps (0: never)")
     eval_only: bool = arg(False, "only evaluate --model on --eval-data and exit")
@@ -138,11 +140,10 @@ def parse_args(argv=None):
 
 def setup_distributed():
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world > 1:
+    if "RANK" in os.environ:  # under torchrun (even with one process): FSDP2 with fp32 master weights
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
 
@@ -152,6 +153,56 @@ def all_sum(x):
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(t)
     return t if torch.is_tensor(x) else t.item()
+
+def all_max(x):
+    t = torch.tensor(float(x), dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.item()
+
+class Policy(torch.nn.Module):
+    """The model, as FSDP's root unit: everything that touches the weights (generate, log-probs, the
+    loss) runs as policy(fn, *args) = fn(model, *args) inside this forward, where FSDP2 has gathered
+    the root's parameters (embeddings, final norm, a tied LM head) and set up its sub-units."""
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args):
+        return fn(self.model, *args)
+
+def head_forward(model, batch, L, head_fn):
+    """head_fn(hidden (B, T, H), targets (B, T), head weight (V, H)) on the response positions."""
+    h = model.model(**batch).last_hidden_state                                   # (B, L+T, H)
+    # logits at position t predict token t+1: positions L-1 .. L+T-2 score the response
+    return head_fn(h[:, L - 1:-1], batch["input_ids"][:, L:], model.get_output_embeddings().weight)
+
+def shard(policy, compute_dtype, device):
+    """FSDP2: each decoder layer and vision block, the vision tower, then the root; bf16 compute
+    with fp32 gradient reduction on GPUs (the parameters stay fp32 master weights)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+    blocks = set(getattr(policy.model, "_no_split_modules", None) or [])
+    for name, m in reversed(list(policy.model.named_modules())):  # children before their parents
+        if type(m).__name__ in blocks or name.endswith("visual"):  # the vision tower: its own unit, so
+            fully_shard(m, mp_policy=mp)                            # generate can run its patch embedding
+    fully_shard(policy, mp_policy=mp)
+
+@contextlib.contextmanager
+def gathered(policy):
+    """Rollout under FSDP2: all-gather the weights once and keep them whole while decoding, instead
+    of one all-gather per layer per decoded token; reshard after."""
+    from torch.distributed.fsdp import FSDPModule
+    units = [m for m in policy.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in units:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
 
 # -----------------------------------------------------------------------------
 # Model and processor: transformers auto classes; VLMs get images, text-only LMs get text.
@@ -336,10 +387,10 @@ def collate(encs, responses, pad_id, device):
     return {k: v.to(device) for k, v in batch.items()}, L
 
 @torch.no_grad()
-def generate(model, tok, encs, n, args, device, greedy=False):
+def generate(policy, tok, encs, n, args, device, greedy=False):
     """n responses per prompt -> list (len(encs) * n) of (T_i,) LongTensors ending in eos unless truncated."""
     from transformers import GenerationConfig
-    cfg = model.config
+    cfg = policy.model.config
     vision_ids = [getattr(cfg, k, None) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
                                                    "vision_end_token_id", "vision_token_id")]
     gen = GenerationConfig(do_sample=not greedy, temperature=args.temperature if not greedy else None,
@@ -350,17 +401,17 @@ def generate(model, tok, encs, n, args, device, greedy=False):
     out = []
     for i in range(0, len(encs), args.rollout_batch_prompts):
         batch, L = collate(encs[i:i + args.rollout_batch_prompts], None, tok.pad_id, device)
-        seqs = model.generate(**batch, generation_config=gen, synced_gpus=torch.distributed.is_initialized())
+        seqs = policy(lambda m: m.generate(**batch, generation_config=gen, synced_gpus=torch.distributed.is_initialized()))
         for s in seqs[:, L:].cpu():  # (B*n, T_gen): cut after the first eos
             end = (s == tok.eos_id).nonzero()
             out.append(s[: end[0, 0] + 1] if len(end) else s[s != tok.pad_id])
     return out
 
-def rollout(model, tok, examples, encs, args, device):
+def rollout(policy, tok, examples, encs, args, device):
     """-> rows: list of dicts(prompt, resp (T_i,), expert, reward, acc, fmt); G on-policy rows then
     (unless grpo, and when the prompt has a solution) its expert row, for every prompt."""
     G = args.group_size
-    samples = generate(model, tok, encs, G, args, device)
+    samples = generate(policy, tok, encs, G, args, device)
     rows = []
     for p, ex in enumerate(examples):
         group = [dict(prompt=p, resp=samples[p * G + g], expert=False) for g in range(G)]
@@ -385,23 +436,18 @@ def token_logprobs(logits, targets, temperature=1.0):
     entropy = -(logp_all.exp() * logp_all).sum(-1)                               # (...)
     return logp, entropy
 
-def response_hidden(model, encs, resps, pad_id, device):
-    """Final hidden states that score the response tokens: (B, T, H), and the targets (B, T).
+def response_logprobs(policy, encs, resps, args, device, pad_id):
+    """-> logp, entropy (B, T) fp32 of the response tokens under the current weights.
     Only response positions reach the LM head (prompt and image tokens never do)."""
     batch, L = collate(encs, resps, pad_id, device)
-    h = model.model(**batch).last_hidden_state                                   # (B, L+T, H)
-    return h[:, L - 1:-1], batch["input_ids"][:, L:]                             # position t predicts t+1
-
-def response_logprobs(model, encs, resps, args, device, pad_id):
-    """-> logp, entropy (B, T) fp32 under the current weights (fused or readable path)."""
-    hidden, targets = response_hidden(model, encs, resps, pad_id, device)
-    head = model.get_output_embeddings().weight                                  # (V, H)
-    if args.fused_on:
-        from kernels import fused_logprobs
-        B, T, H = hidden.shape
-        logp, ent = fused_logprobs(hidden.reshape(B * T, H), head, targets.reshape(-1), args.temperature)
-        return logp.view(B, T), ent.view(B, T)
-    return token_logprobs(hidden @ head.T, targets, args.temperature)
+    def head_fn(hidden, targets, weight):                                        # (B, T, H), (B, T), (V, H)
+        if args.fused_on:
+            from kernels import fused_logprobs
+            B, T, H = hidden.shape
+            logp, ent = fused_logprobs(hidden.reshape(B * T, H), weight, targets.reshape(-1), args.temperature)
+            return logp.view(B, T), ent.view(B, T)
+        return token_logprobs(hidden @ weight.T, targets, args.temperature)     # (B, T, V) logits
+    return policy(head_forward, batch, L, head_fn)
 
 # -----------------------------------------------------------------------------
 # Advantages (Eq. A): A_i = r_i - mean of the group's on-policy rewards (expert excluded).
@@ -485,12 +531,6 @@ def micro_batches(items, size):
     chunks = [(items[i * size:(i + 1) * size], 1.0) for i in range(n)]
     return chunks + [(chunks[0][0] if chunks else [], 0.0)] * (n_all - n)
 
-def all_max(x):
-    t = torch.tensor(float(x))
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return t.item()
-
 def pad_rows(vectors, T):
     """list of 1-D tensors -> (len, T), zero-padded."""
     out = torch.zeros(len(vectors), T, dtype=vectors[0].dtype)
@@ -499,11 +539,11 @@ def pad_rows(vectors, T):
     return out
 
 @torch.no_grad()
-def score_rows(model, encs, rows, args, device, pad_id, dummy):
+def score_rows(policy, encs, rows, args, device, pad_id, dummy):
     """pi_old log-probs and entropy of every row (on-policy and expert), at the rollout temperature."""
     for chunk, w in micro_batches(rows, args.micro_batch_size):
         chunk = chunk or [dummy]
-        logp, ent = response_logprobs(model, [encs[r["prompt"]] for r in chunk], [r["resp"] for r in chunk], args, device, pad_id)
+        logp, ent = response_logprobs(policy, [encs[r["prompt"]] for r in chunk], [r["resp"] for r in chunk], args, device, pad_id)
         for r, lp, en in zip(chunk, logp.cpu(), ent.cpu()):
             if w:
                 r["old_logp"], r["entropy"] = lp[:len(r["resp"])], en[:len(r["resp"])]
@@ -534,7 +574,7 @@ def group_bounds(rows):
     starts = [i for i, r in enumerate(rows) if i == 0 or r["prompt"] != rows[i - 1]["prompt"]]
     return list(zip(starts, starts[1:] + [len(rows)]))
 
-def update(model, opt, sched, encs, groups, args, device, pad_id, world):
+def update(policy, opt, sched, encs, groups, args, device, pad_id, world):
     """One PPO epoch (or more) over the step's rollouts; returns the metrics of the update."""
     stats, first_dev, dummy = {}, 0.0, groups[0][0]
     P = len(groups)
@@ -553,19 +593,18 @@ def update(model, opt, sched, encs, groups, args, device, pad_id, world):
                 adv = torch.tensor([r["adv"] for r in chunk], device=device)               # (B,)
                 passed = torch.tensor([r["passed"] for r in chunk], device=device)
                 is_exp = torch.tensor([r["expert"] for r in chunk], device=device)
-                hidden, targets = response_hidden(model, [encs[r["prompt"]] for r in chunk],
-                                                  [r["resp"] for r in chunk], pad_id, device)
-                head = model.get_output_embeddings().weight
                 kw = dict(algo=args.algo, expert_logp=base, passed=passed, expert_rows=is_exp,
                           clip_low=args.clip_low, clip_high=args.clip_high, clip_c=args.clip_c,
                           alpha=args.alpha, lam=args.lam, num_tokens=max(num_tokens, 1.0))
-                if args.fused_on:
-                    from kernels import fused_policy_loss
-                    loss, m = fused_policy_loss(hidden, head, targets, old, mask, advantages=adv,
-                                                temperature=args.temperature, **kw)
-                else:
-                    logp, _ = token_logprobs(hidden @ head.T, targets, args.temperature)   # (B, T)
-                    loss, m = policy_loss(logp, old, adv, mask, **kw)
+                def head_fn(hidden, targets, weight):                            # (B, T, H), (B, T), (V, H)
+                    if args.fused_on:
+                        from kernels import fused_policy_loss
+                        return fused_policy_loss(hidden, weight, targets, old, mask, advantages=adv,
+                                                 temperature=args.temperature, **kw)
+                    logp, _ = token_logprobs(hidden @ weight.T, targets, args.temperature)  # (B, T)
+                    return policy_loss(logp, old, adv, mask, **kw)
+                batch, L = collate([encs[r["prompt"]] for r in chunk], [r["resp"] for r in chunk], pad_id, device)
+                loss, m = policy(head_forward, batch, L, head_fn)
                 # gradients are averaged over ranks; the loss is already a global token-mean: undo it
                 (loss * w * world).backward()
                 n = m.pop("tokens").item() * w
@@ -573,7 +612,7 @@ def update(model, opt, sched, encs, groups, args, device, pad_id, world):
                     add(stats, k, v.item(), n)
                 if epoch == 0 and m0 == 0 and w:  # self-check: theta == theta_old before the first step
                     first_dev = max(first_dev, m["loss/ratio_max_dev"].item())
-            grad_norm = clip_grad_norm(model, args.max_grad_norm)
+            grad_norm = clip_grad_norm(policy, args.max_grad_norm)
             if math.isfinite(grad_norm):
                 opt.step()
                 sched.step()
@@ -596,17 +635,17 @@ def clip_grad_norm(model, max_norm):
 # Evaluation: k samples at the training temperature + greedy, on a random stream of its own.
 
 @torch.no_grad()
-def evaluate(model, tok, processor, examples, args, device, is_vlm, rank, world):
+def evaluate(policy, tok, processor, examples, args, device, is_vlm, rank, world, rollout_ctx):
     examples = examples[: args.eval_max_prompts or None][rank::world]
     k, stats = args.eval_samples, {}
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):  # the training stream is left exactly as it was
+    with torch.random.fork_rng(devices=devices), rollout_ctx():  # the training stream is left as it was
         torch.manual_seed(10_000 + args.seed + rank)
         for i in range(0, len(examples), args.rollout_batch_prompts):
             exs = examples[i:i + args.rollout_batch_prompts]
             encs = [encode_prompt(processor, ex, is_vlm) for ex in exs]
-            sampled = generate(model, tok, encs, k, args, device)
-            greedy = generate(model, tok, encs, 1, args, device, greedy=True)
+            sampled = generate(policy, tok, encs, k, args, device)
+            greedy = generate(policy, tok, encs, 1, args, device, greedy=True)
             for p, ex in enumerate(exs):
                 scores = [reward_fn(tok.decode(s, skip_special_tokens=True), ex["answer"]) for s in sampled[p * k:(p + 1) * k]]
                 add(stats, "eval/accuracy", sum(a for a, _ in scores) / k)
@@ -632,6 +671,12 @@ class Logger:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(out_dir)
 
+    def truncate(self, step):
+        """On resume: drop rows logged after the checkpoint (a run killed mid-way logged them)."""
+        if self.rank == 0 and os.path.exists(self.path):
+            rows = [l for l in open(self.path) if json.loads(l)["step"] <= step]
+            open(self.path, "w").writelines(rows)
+
     def log(self, step, metrics):
         if self.rank != 0:
             return
@@ -650,15 +695,64 @@ class Logger:
         if "eval/accuracy" in metrics:
             print(f"eval {step:4d} | " + " ".join(f"{k[5:]} {metrics[k]:.3f}" for k in sorted(metrics) if k.startswith("eval/")), flush=True)
 
-def save_checkpoint(model, processor, opt, out_dir, step, rank):
-    """checkpoint-<step>/: save_pretrained layout; written under a temporary name, then renamed."""
+def rng_state():
+    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                python=random.getstate(), numpy=np.random.get_state())
+
+def barrier():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+def save_checkpoint(policy, processor, opt, sched, stream, step, out_dir, rank):
+    """checkpoint-<step>/: the full model in save_pretrained layout (gathered to rank 0) and what a
+    resume needs: state/ (sharded model + optimizer, torch.distributed.checkpoint), rng-<rank>.pt,
+    trainer.json. Written as checkpoint-<step>.tmp and renamed only when complete."""
+    import shutil
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
     final = os.path.join(out_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
     if rank == 0:
-        model.save_pretrained(tmp, safe_serialization=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # the remains of a run killed while saving
+        os.makedirs(tmp)
+    barrier()
+    model_sd, optim_sd = get_state_dict(policy, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(tmp, "state"))
+    torch.save(rng_state(), os.path.join(tmp, f"rng-{rank}.pt"))
+    full = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        policy.model.save_pretrained(tmp, state_dict=full)
         processor.save_pretrained(tmp)
-        os.replace(tmp, final) if not os.path.exists(final) else None
+        with open(os.path.join(tmp, "trainer.json"), "w") as f:
+            json.dump(dict(step=step, epoch=stream.epoch, pos=stream.pos, sched=sched.state_dict()), f)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    barrier()
     return final
+
+def checkpoints(out_dir):
+    found = [re.fullmatch(r"checkpoint-(\d+)", d) for d in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])]
+    return sorted((int(m.group(1)), os.path.join(out_dir, m.group(0))) for m in found if m)
+
+def load_checkpoint(policy, opt, sched, stream, path, rank):
+    """Restore everything save_checkpoint wrote; returns the step to continue after."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_sd, optim_sd = get_state_dict(policy, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=os.path.join(path, "state"))
+    set_state_dict(policy, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    with open(os.path.join(path, "trainer.json")) as f:
+        t = json.load(f)
+    stream.epoch, stream.pos = t["epoch"], t["pos"]
+    sched.load_state_dict(t["sched"])
+    rng = torch.load(os.path.join(path, f"rng-{rank}.pt"), weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    return t["step"]
 
 # -----------------------------------------------------------------------------
 # Main loop: rollout -> pi_old log-probs and l^E -> advantages -> update -> log / eval / save.
@@ -685,56 +779,84 @@ def main(argv=None):
         if args.model:
             say(f"notice: no --data given; training {args.model} on the bundled demo data {args.data}")
 
-    model, processor, is_vlm = load_model(model_path, dtype, device)
+    # under FSDP the parameters are fp32 master weights and compute runs in `dtype`
+    distributed = torch.distributed.is_initialized()
+    model, processor, is_vlm = load_model(model_path, torch.float32 if distributed else dtype, device)
     tok = getattr(processor, "tokenizer", processor)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     tok.eos_id = im_end if isinstance(im_end, int) and im_end != tok.unk_token_id else tok.eos_token_id  # end of turn
     tok.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_id
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = Policy(model)
+    if distributed:
+        shard(policy, dtype, device)
+    rollout_ctx = (lambda: gathered(policy)) if distributed else contextlib.nullcontext
     eval_set = load_examples(args.eval_data, args) if args.eval_data else []
+    run_eval = lambda: reduce_stats(evaluate(policy, tok, processor, eval_set, args, device, is_vlm, rank, world, rollout_ctx))
+
     out_dir = args.output_dir or os.path.join("runs", f"{args.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if torch.distributed.is_initialized():  # every rank uses rank 0's folder name
+    if distributed:  # every rank uses rank 0's folder name
         box = [out_dir]
         torch.distributed.broadcast_object_list(box)
         out_dir = box[0]
-    os.makedirs(out_dir, exist_ok=True)
+    if checkpoints(out_dir) and not (args.resume or args.overwrite or args.eval_only):
+        raise SystemExit(f"error: {out_dir} holds checkpoints of another run; pass --resume to continue "
+                         "it or --overwrite to start afresh")
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        if args.overwrite and not args.resume:
+            import shutil
+            for _, d in checkpoints(out_dir):
+                shutil.rmtree(d)
+            open(os.path.join(out_dir, "metrics.jsonl"), "w").close()
+    barrier()
     logger = Logger(out_dir, rank, args.tensorboard)
     if args.eval_only:
-        logger.log(0, reduce_stats(evaluate(model, tok, processor, eval_set, args, device, is_vlm, rank, world)))
+        logger.log(0, run_eval())
         return out_dir
 
     data = load_examples(args.data, args)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
     stream = PromptStream(len(data), args.seed)
     assert args.prompts_per_step % world == 0 and args.mini_batch_prompts % world == 0, \
         "--prompts-per-step and --mini-batch-prompts must be multiples of the number of ranks"
+    start = 0
+    if args.resume and checkpoints(out_dir):
+        path = checkpoints(out_dir)[-1][1]
+        start = load_checkpoint(policy, opt, sched, stream, path, rank)
+        logger.truncate(start)
+        say(f"resuming from {path} (step {start})")
     say(f"calibrl | algo {args.algo} | preset {args.preset} | model {model_path} | "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | {len(data)} train rows | "
-        f"world {world} | device {device} {dtype} | fused {args.fused_on} | out {out_dir}")
-    if eval_set and args.eval_every:
-        logger.log(0, reduce_stats(evaluate(model, tok, processor, eval_set, args, device, is_vlm, rank, world)))
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | "
+        f"{len(data)} train rows | world {world} | device {device} {dtype} | fused {args.fused_on} | out {out_dir}")
+    stop = []  # SIGTERM / SIGINT: finish the step, write a checkpoint, exit 0
+    handlers = {sig: signal.signal(sig, lambda *_: stop.append(1)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    if eval_set and args.eval_every and start == 0:
+        logger.log(0, run_eval())
 
-    for step in range(1, args.steps + 1):
+    for step in range(start + 1, args.steps + 1):
         t0 = time.time()
         # each rank takes a strided shard, so mini-batch k holds the same groups for any world size
         examples = [data[i] for i in stream.take(args.prompts_per_step)[rank::world]]
         encs = [encode_prompt(processor, ex, is_vlm) for ex in examples]
         model.eval()
-        rows = rollout(model, tok, examples, encs, args, device)
+        with rollout_ctx():
+            rows = rollout(policy, tok, examples, encs, args, device)
         t1 = time.time()
-        score_rows(model, encs, rows, args, device, tok.pad_id, rows[0])
+        score_rows(policy, encs, rows, args, device, tok.pad_id, rows[0])
         groups = attach_advantages(rows, args)
         t2 = time.time()
         model.train()
-        stats, first_dev = update(model, opt, sched, encs, groups, args, device, tok.pad_id, world)
+        stats, first_dev = update(policy, opt, sched, encs, groups, args, device, tok.pad_id, world)
         t3 = time.time()
 
         for r in rows:
             if not r["expert"]:
-                for k in ("reward", "acc", "fmt"):
-                    add(stats, {"reward": "train/reward", "acc": "train/accuracy", "fmt": "train/format"}[k], r[k])
+                add(stats, "train/reward", r["reward"])
+                add(stats, "train/accuracy", r["acc"])
+                add(stats, "train/format", r["fmt"])
                 add(stats, "train/response_length", len(r["resp"]))
                 add(stats, "train/entropy", r["entropy"].mean().item(), len(r["resp"]))
                 add(stats, "train/zero_adv_rows", float(r["adv"] == 0.0))
@@ -747,10 +869,16 @@ def main(argv=None):
                         "train/lr": sched.get_last_lr()[0]})
         logger.log(step, metrics)
         if eval_set and args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-            logger.log(step, reduce_stats(evaluate(model, tok, processor, eval_set, args, device, is_vlm, rank, world)))
-        if (args.save_every and step % args.save_every == 0) or step == args.steps:
-            save_checkpoint(model, processor, opt, out_dir, step, rank)
-    if torch.distributed.is_initialized():
+            logger.log(step, run_eval())
+        stopping = all_max(len(stop)) > 0
+        if (args.save_every and step % args.save_every == 0) or step == args.steps or stopping:
+            path = save_checkpoint(policy, processor, opt, sched, stream, step, out_dir, rank)
+        if stopping:
+            say(f"stopped by signal after step {step}; checkpoint {path}; continue with --resume")
+            break
+    for sig, h in handlers.items():
+        signal.signal(sig, h)
+    if distributed:
         torch.distributed.destroy_process_group()
     return out_dir
 
