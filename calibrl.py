@@ -241,7 +241,10 @@ def load_model(path, dtype, device):
     tok = getattr(processor, "tokenizer", processor)
     if tok.chat_template is None and getattr(processor, "chat_template", None) is None:
         raise SystemExit(f"error: model {path}: its tokenizer/processor has no chat template")
-    return model, processor, is_vlm
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")  # generation stops at the end of the turn
+    tok.eos_id = im_end if isinstance(im_end, int) and im_end != tok.unk_token_id else tok.eos_token_id
+    tok.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_id
+    return model, processor, tok, is_vlm
 
 # -----------------------------------------------------------------------------
 # Data: .parquet or .jsonl rows -> examples {messages, images, answer, solution}.
@@ -781,11 +784,7 @@ def main(argv=None):
 
     # under FSDP the parameters are fp32 master weights and compute runs in `dtype`
     distributed = torch.distributed.is_initialized()
-    model, processor, is_vlm = load_model(model_path, torch.float32 if distributed else dtype, device)
-    tok = getattr(processor, "tokenizer", processor)
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    tok.eos_id = im_end if isinstance(im_end, int) and im_end != tok.unk_token_id else tok.eos_token_id  # end of turn
-    tok.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_id
+    model, processor, tok, is_vlm = load_model(model_path, torch.float32 if distributed else dtype, device)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = Policy(model)
@@ -817,6 +816,7 @@ def main(argv=None):
         return out_dir
 
     data = load_examples(args.data, args)
+    # before any forward: after one, FSDP2's root holds unsharded parameters the optimizer must not keep
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
     stream = PromptStream(len(data), args.seed)

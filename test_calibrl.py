@@ -318,3 +318,125 @@ def test_two_steps_each_algo(algo, tmp_path):
     model = AutoModelForImageTextToText.from_pretrained(os.path.join(out, "checkpoint-2"))
     assert sum(p.numel() for p in model.parameters()) > 0
     assert calibrl.load_processor(os.path.join(out, "checkpoint-2"), model.config).image_processor is not None
+
+# -----------------------------------------------------------------------------
+# Distributed (torchrun, FSDP2 on gloo), resume and signals
+
+import subprocess
+import sys
+
+import safetensors.torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ENV = {**os.environ, "PYTHONPATH": HERE, "OMP_NUM_THREADS": "1"}
+
+def torchrun(n, *argv, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *argv]
+    p = subprocess.run(cmd, cwd=HERE, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout
+
+def params(ckpt):
+    return safetensors.torch.load_file(os.path.join(ckpt, "model.safetensors"))
+
+def test_torchrun_two_ranks_trains_and_checkpoints(tmp_path):
+    out = torchrun(2, "calibrl.py", *E2E, "--eval-every", "1", "--eval-max-prompts", "4", "--output-dir", str(tmp_path))
+    assert "world 2" in out and "step    2" in out
+    lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert [l["step"] for l in lines if "train/reward" in l] == [1, 2]
+    assert sorted(os.listdir(tmp_path / "checkpoint-2" / "state")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    from transformers import AutoModelForImageTextToText
+    AutoModelForImageTextToText.from_pretrained(str(tmp_path / "checkpoint-2"))
+
+FIXED_ROLLOUT_UPDATE = '''
+"""Fixed rollouts -> one training step's update -> full parameters; must not depend on the rank count."""
+import sys
+import torch
+import calibrl
+out = sys.argv[1]
+rank, world, device = calibrl.setup_distributed()
+result = {}
+for algo in ("calibrl", "luffy"):
+    args = calibrl.parse_args(["--algo", algo, "--group-size", "4", "--prompts-per-step", "4", "--mini-batch-prompts", "2",
+                               "--micro-batch-size", "3", "--lr", "1e-4"])
+    args.fused_on = False
+    model, proc, tok, is_vlm = calibrl.load_model(calibrl.DEMO_MODEL, torch.float32, device)
+    policy = calibrl.Policy(model)
+    if torch.distributed.is_initialized():
+        calibrl.shard(policy, torch.float32, device)
+    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    data = calibrl.load_examples(calibrl.DEMO_TRAIN, args)[:4]
+    mine = list(range(4))[rank::world]                  # main()'s strided shard
+    encs = [calibrl.encode_prompt(proc, data[p], is_vlm) for p in mine]
+    rows = []
+    for local, p in enumerate(mine):                    # responses depend on the global prompt only
+        g = torch.Generator().manual_seed(p)
+        sol, ans = data[p]["solution"], data[p]["answer"]
+        texts = [sol, "<think>no</think><answer>%d</answer>" % (int(ans) + 1), "<think>x", sol]
+        for j in range(4):
+            ids = tok(texts[int(torch.randint(0, 4, (1,), generator=g))], add_special_tokens=False)["input_ids"]
+            rows.append(dict(prompt=local, resp=torch.tensor(ids + [tok.eos_id]), expert=False))
+        rows.append(dict(prompt=local, resp=torch.tensor(tok(sol, add_special_tokens=False)["input_ids"] + [tok.eos_id]), expert=True))
+    for r in rows:
+        r["acc"], r["fmt"] = calibrl.reward_fn(tok.decode(r["resp"], skip_special_tokens=True), data[mine[r["prompt"]]]["answer"])
+        r["reward"] = r["acc"] + 0.1 * r["fmt"]
+    calibrl.score_rows(policy, encs, rows, args, device, tok.pad_id, rows[0])
+    calibrl.update(policy, opt, sched, encs, calibrl.attach_advantages(rows, args), args, device, tok.pad_id, world)
+    for n, p in policy.named_parameters():
+        result[algo + ":" + n] = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+if rank == 0:
+    torch.save(result, out)
+'''
+
+def test_update_is_independent_of_the_number_of_ranks(tmp_path):
+    script = tmp_path / "fixed_update.py"
+    script.write_text(FIXED_ROLLOUT_UPDATE)
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], cwd=HERE, env=ENV, check=True, capture_output=True)
+    torchrun(2, str(script), str(tmp_path / "two.pt"))
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    init = params(calibrl.DEMO_MODEL)
+    moved = max((one[k] - two[k]).abs().max().item() for k in one)
+    assert moved <= 1e-5, f"1 vs 2 ranks: max |diff| = {moved:.2e}"
+    assert any((v - init[k.split(":model.", 1)[1]]).abs().max() > 1e-5 for k, v in one.items()
+               if k.split(":model.", 1)[1] in init), "the update changed nothing"
+
+def run_metrics(d):
+    return {l["step"]: l for l in map(json.loads, open(os.path.join(d, "metrics.jsonl"))) if "train/reward" in l}
+
+def test_resume_is_exact(tmp_path):
+    common = E2E[2:] + ["--eval-every", "1", "--eval-max-prompts", "4", "--save-every", "2"]
+    straight = calibrl.main(["--steps", "4", "--output-dir", str(tmp_path / "a")] + common)
+    calibrl.main(["--steps", "2", "--output-dir", str(tmp_path / "b")] + common)
+    resumed = calibrl.main(["--steps", "4", "--resume", "--output-dir", str(tmp_path / "b")] + common)
+    a, b = params(os.path.join(straight, "checkpoint-4")), params(os.path.join(resumed, "checkpoint-4"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    ma, mb = run_metrics(straight), run_metrics(resumed)
+    assert sorted(mb) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for k, v in ma[step].items():
+            if not k.startswith(("time/", "perf/")):
+                assert abs(v - mb[step][k]) <= 1e-6, (step, k, v, mb[step][k])
+
+def test_refuses_another_runs_output_dir(tmp_path):
+    calibrl.main(E2E[:1] + ["1"] + E2E[2:] + ["--output-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--resume"):
+        calibrl.main(E2E + ["--output-dir", str(tmp_path)])
+
+def test_sigterm_checkpoints_and_resumes(tmp_path):
+    import signal
+    import time
+    argv = [sys.executable, "calibrl.py"] + E2E[2:] + ["--steps", "200", "--output-dir", str(tmp_path)]
+    p = subprocess.Popen(argv, cwd=HERE, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)        # lands in the middle of step 2 or so
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out[-3000:]
+    assert "stopped by signal" in out and "Traceback" not in out
+    (step, ckpt), = calibrl.checkpoints(str(tmp_path))
+    assert step < 200
+    calibrl.main(E2E[2:] + ["--steps", str(step + 1), "--resume", "--output-dir", str(tmp_path)])
+    assert sorted(run_metrics(str(tmp_path))) == list(range(1, step + 2))
