@@ -70,6 +70,7 @@ class Args:
     output_dir: str = arg(None, "run folder; default runs/<algo>-<timestamp>")
     resume: bool = arg(False, "continue from the newest complete checkpoint in --output-dir")
     overwrite: bool = arg(False, "start afresh in an --output-dir that holds another run's checkpoints")
+    skip_bad_rows: bool = arg(False, "drop malformed data rows (reported) instead of stopping before training")
     save_every: int = arg(0, "checkpoint every N steps (0: only at the end)")
     eval_every: int = arg(10, "evaluate on --eval-data every N steps (0: never)")
     eval_only: bool = arg(False, "only evaluate --model on --eval-data and exit")
@@ -253,12 +254,31 @@ INSTRUCTION = ("You FIRST think about the reasoning process as an internal monol
                "final answer. The reasoning process MUST BE enclosed within <think> </think> tags. The final "
                "answer MUST BE put in <answer> </answer> tags.")
 
+class BadRow(Exception):
+    """A row problem: (field, reason)."""
+
 def read_rows(path):
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-        return pq.read_table(path).to_pylist()
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """-> [(row number from 1 in file order, row dict or BadRow)]; a bad file ends the run at once."""
+    where = f"data file {path}"
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {where}: not found")
+    try:
+        if path.endswith(".parquet"):
+            import pyarrow.parquet as pq
+            rows = list(enumerate(pq.read_table(path).to_pylist(), 1))
+        else:
+            rows = []
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    try:
+                        rows.append((n, json.loads(line))) if line.strip() else None
+                    except json.JSONDecodeError as e:
+                        rows.append((n, BadRow("json", f"invalid JSON ({e.msg} at column {e.colno})")))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise SystemExit(f"error: {where}: unreadable ({type(e).__name__}: {e})")
+    if not rows:
+        raise SystemExit(f"error: {where}: no rows")
+    return rows
 
 def to_parts(text):
     """'<image>What is x?' -> [{'type': 'image'}, {'type': 'text', 'text': 'What is x?'}]"""
@@ -271,34 +291,100 @@ def to_parts(text):
     return parts
 
 def to_example(row, args, base_dir):
-    prompt = row["prompt"]
+    """A row of the schema (README) -> {messages, images, answer, solution}; raises BadRow."""
+    if not isinstance(row, dict):
+        raise BadRow("row", "not a JSON object")
+    prompt, images = row.get("prompt"), row.get("images")
+    if images is None:
+        images = []
+    if not isinstance(images, (list, tuple)):
+        raise BadRow("images", f"not a list ({type(images).__name__})")
+    if not prompt:
+        raise BadRow("prompt", "missing or empty")
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
-    messages = [{"role": m["role"], "content": to_parts(m["content"]) if isinstance(m["content"], str) else list(m["content"])}
-                for m in prompt]
+    if not isinstance(prompt, list) or not all(isinstance(m, dict) and "content" in m for m in prompt):
+        raise BadRow("prompt", "neither a string nor a list of chat messages {role, content}")
+    messages = [{"role": m.get("role", "user"), "content": to_parts(m["content"]) if isinstance(m["content"], str)
+                 else list(m["content"])} for m in prompt]
+    placeholders = sum(p.get("type") == "image" for m in messages for p in m["content"])
+    if placeholders and placeholders != len(images):
+        raise BadRow("prompt", f"{placeholders} <image> placeholders for {len(images)} images")
+    if images and not placeholders:  # images without placeholders go before the first user text
+        user = next(m for m in messages if m["role"] == "user")
+        user["content"] = [{"type": "image"} for _ in images] + user["content"]
     texts = [p for m in messages if m["role"] == "user" for p in m["content"] if p.get("type") == "text"]
     if texts and INSTRUCTION not in texts[-1]["text"]:  # spec: the instruction follows the question
         texts[-1]["text"] = texts[-1]["text"].rstrip() + " " + INSTRUCTION
-    images = [{"path": os.path.join(base_dir, im)} if isinstance(im, str) else
-              {"path": os.path.join(base_dir, im["path"])} if im.get("bytes") is None else im
-              for im in (row.get("images") or [])]
-    answer = row[args.answer_key] if row.get(args.answer_key) is not None else row["reward_model"]["ground_truth"]
+    refs = []
+    for k, im in enumerate(images):
+        if isinstance(im, dict) and im.get("bytes") is not None:
+            refs.append({"bytes": im["bytes"]})
+        elif isinstance(im, (str, dict)) and (im if isinstance(im, str) else im.get("path")):
+            refs.append({"path": os.path.join(base_dir, im if isinstance(im, str) else im["path"])})
+        else:
+            raise BadRow(f"images[{k}]", "neither a path nor a {bytes} / {path} dict")
+    answer = row.get(args.answer_key)
+    if answer is None and isinstance(row.get("reward_model"), dict):  # verl's format
+        answer = row["reward_model"].get("ground_truth")
+    if not isinstance(answer, (str, int, float)) or isinstance(answer, bool) or str(answer).strip() == "":
+        raise BadRow(args.answer_key, f"missing or empty (nor reward_model.ground_truth)")
     solution = row.get(args.solution_key)
     if isinstance(solution, (list, tuple)):
         solution = solution[0] if solution else None
     if isinstance(solution, dict):
         solution = solution.get("content")
-    if row.get("pass_ratio") is not None and row["pass_ratio"] <= 0:  # official format: no expert
+    if solution is not None and not isinstance(solution, str):
+        raise BadRow(args.solution_key, f"not a string, list or message ({type(solution).__name__})")
+    if isinstance(row.get("pass_ratio"), (int, float)) and row["pass_ratio"] <= 0:  # official format: no expert
         solution = None
-    return dict(messages=messages, images=images, answer=str(answer), solution=solution or None)
+    return dict(messages=messages, images=refs, answer=str(answer), solution=solution or None)
 
 def open_image(ref):
     from PIL import Image
     im = Image.open(io.BytesIO(ref["bytes"]) if ref.get("bytes") is not None else ref["path"])
     return im.convert("RGB")
 
-def load_examples(path, args):
-    return [to_example(row, args, os.path.dirname(os.path.abspath(path))) for row in read_rows(path)]
+def load_examples(path, args, processor, tok, is_vlm, say=print):
+    """Read and check every row before the first step: with bad rows, one message naming the file,
+    each row and field, then exit 1 (nothing has run yet); with --skip-bad-rows, train on the rest."""
+    base, good, bad, no_expert = os.path.dirname(os.path.abspath(path)), [], [], 0
+    for n, row in read_rows(path):
+        try:
+            if isinstance(row, BadRow):
+                raise row
+            ex = to_example(row, args, base)
+            if ex["images"] and not is_vlm:
+                raise BadRow("images", "the model is text-only and takes no images")
+            for k, ref in enumerate(ex["images"]):
+                try:
+                    open_image(ref)
+                except Exception as e:
+                    raise BadRow(f"images[{k}]", f"cannot be read as an image ({type(e).__name__}: {e})"[:200])
+            n_prompt = encode_prompt(processor, ex, is_vlm)["input_ids"].shape[1]
+            if n_prompt > args.max_prompt_length:
+                raise BadRow("prompt", f"{n_prompt} tokens > --max-prompt-length {args.max_prompt_length}")
+            if ex["solution"] is None and args.algo in ("luffy", "rlplus"):
+                raise BadRow(args.solution_key, f"missing: --algo {args.algo} needs an expert solution")
+            if ex["solution"] is not None:
+                n_sol = len(tok(ex["solution"], add_special_tokens=False)["input_ids"]) + 1
+                if n_sol > args.max_response_length:
+                    raise BadRow(args.solution_key, f"{n_sol} tokens > --max-response-length {args.max_response_length}")
+            no_expert += ex["solution"] is None
+            good.append(ex)
+        except BadRow as e:
+            bad.append(f"row {n}, field '{e.args[0]}': {e.args[1]}")
+    if bad and not args.skip_bad_rows:
+        more = f"\n  ... and {len(bad) - 20} more bad rows" if len(bad) > 20 else ""
+        raise SystemExit(f"error: data file {path} has {len(bad)} bad rows (fix them, or pass --skip-bad-rows "
+                         f"to train on the rest):\n  " + "\n  ".join(bad[:20]) + more)
+    if bad:
+        say(f"warning: {path}: skipped {len(bad)} bad rows of {len(bad) + len(good)}:\n  " + "\n  ".join(bad[:20]))
+    if not good:
+        raise SystemExit(f"error: data file {path}: no usable rows")
+    if no_expert and args.algo == "calibrl":  # spec decision 3: l^E = 0 for these prompts
+        say(f"warning: {path}: {no_expert} of {len(good)} rows have no expert solution (l^E = 0 for them)")
+    return good
 
 class PromptStream:
     """Cycles through the data by epoch, reshuffled with the seed each epoch; state is (epoch, pos)."""
@@ -791,7 +877,7 @@ def main(argv=None):
     if distributed:
         shard(policy, dtype, device)
     rollout_ctx = (lambda: gathered(policy)) if distributed else contextlib.nullcontext
-    eval_set = load_examples(args.eval_data, args) if args.eval_data else []
+    eval_set = load_examples(args.eval_data, args, processor, tok, is_vlm, say) if args.eval_data else []
     run_eval = lambda: reduce_stats(evaluate(policy, tok, processor, eval_set, args, device, is_vlm, rank, world, rollout_ctx))
 
     out_dir = args.output_dir or os.path.join("runs", f"{args.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -815,7 +901,7 @@ def main(argv=None):
         logger.log(0, run_eval())
         return out_dir
 
-    data = load_examples(args.data, args)
+    data = load_examples(args.data, args, processor, tok, is_vlm, say)
     # before any forward: after one, FSDP2's root holds unsharded parameters the optimizer must not keep
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))

@@ -259,7 +259,12 @@ def test_presets_and_explicit_flags():
     mixed = calibrl.parse_args(["--model", "x", "--group-size", "4", "--preset", "paper", "--lam", "0.2"])
     assert (mixed.group_size, mixed.lam, mixed.prompts_per_step) == (4, 0.2, 480)
 
-def test_data_forms(tmp_path):
+@pytest.fixture(scope="module")
+def demo():
+    """(model, processor, tokenizer, is_vlm) of the bundled tiny Qwen2.5-VL."""
+    return calibrl.load_model(calibrl.DEMO_MODEL, torch.float32, torch.device("cpu"))
+
+def test_data_forms(tmp_path, demo):
     """jsonl and parquet; string and chat prompts; paths, {'bytes'} and {'path'} images; verl answers."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -275,7 +280,7 @@ def test_data_forms(tmp_path):
     ]
     pq.write_table(pa.Table.from_pylist(verl_rows), tmp_path / "d.parquet")
     args = calibrl.parse_args([])
-    exs = calibrl.load_examples(str(tmp_path / "d.parquet"), args)
+    exs = calibrl.load_examples(str(tmp_path / "d.parquet"), args, *demo[1:])
     assert [e["answer"] for e in exs] == ["B", "7"]
     parts = exs[0]["messages"][0]["content"]
     assert [p["type"] for p in parts] == ["image", "image", "text"]
@@ -287,7 +292,7 @@ def test_data_forms(tmp_path):
         {"prompt": "No expert", "answer": "x", "solution": "sol", "pass_ratio": 0.0},
     ]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    exs = calibrl.load_examples(str(tmp_path / "d.jsonl"), args)
+    exs = calibrl.load_examples(str(tmp_path / "d.jsonl"), args, *demo[1:])
     assert [e["answer"] for e in exs] == ["3", "2.5", "x"]
     assert [e["solution"] for e in exs] == ["<think>s</think><answer>3</answer>", "sol", None]
     assert exs[0]["messages"][0]["content"][-1]["text"] == "Q1? " + calibrl.INSTRUCTION
@@ -366,7 +371,7 @@ for algo in ("calibrl", "luffy"):
         calibrl.shard(policy, torch.float32, device)
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    data = calibrl.load_examples(calibrl.DEMO_TRAIN, args)[:4]
+    data = calibrl.load_examples(calibrl.DEMO_TRAIN, args, proc, tok, is_vlm)[:4]
     mine = list(range(4))[rank::world]                  # main()'s strided shard
     encs = [calibrl.encode_prompt(proc, data[p], is_vlm) for p in mine]
     rows = []
