@@ -71,6 +71,8 @@ class Args:
     resume: bool = arg(False, "continue from the newest complete checkpoint in --output-dir")
     overwrite: bool = arg(False, "start afresh in an --output-dir that holds another run's checkpoints")
     skip_bad_rows: bool = arg(False, "drop malformed data rows (reported) instead of stopping before training")
+    reward_timeout: float = arg(5.0, "seconds one answer check may take; slower ones score 0 (counted)")
+    max_bad_steps: int = arg(3, "stop (after a checkpoint) after this many consecutive steps with a non-finite loss/grad")
     save_every: int = arg(0, "checkpoint every N steps (0: only at the end)")
     eval_every: int = arg(10, "evaluate on --eval-data every N steps (0: never)")
     eval_only: bool = arg(False, "only evaluate --model on --eval-data and exit")
@@ -234,11 +236,14 @@ def load_processor(path, config):
 
 def load_model(path, dtype, device):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-    config = AutoConfig.from_pretrained(path)
-    is_vlm = hasattr(config, "vision_config")
-    cls = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
-    model = cls.from_pretrained(path, dtype=dtype).to(device)
-    processor = load_processor(path, config)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        is_vlm = hasattr(config, "vision_config")
+        cls = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
+        model = cls.from_pretrained(path, dtype=dtype).to(device)
+        processor = load_processor(path, config)
+    except (OSError, ValueError, KeyError) as e:  # a missing folder, no hub access, an unknown model type
+        raise SystemExit(f"error: model {path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:300]})")
     tok = getattr(processor, "tokenizer", processor)
     if tok.chat_template is None and getattr(processor, "chat_template", None) is None:
         raise SystemExit(f"error: model {path}: its tokenizer/processor has no chat template")
@@ -417,13 +422,52 @@ def normalize_answer(s):
     return re.sub(r"\\degree|degrees|°", r"^\\circ", s)
 
 def math_equal(pred, gt):
-    from math_verify import parse, verify
+    from math_verify import parse, verify  # timeouts off: the Verifier below bounds each check
     wrap = lambda s: s if "\\boxed" in s else "\\boxed{" + s + "}"
-    gold = parse(wrap(gt))
+    gold = parse(wrap(gt), parsing_timeout=None)
     letter = str(gold[-1]).strip() if gold else ""
     if len(letter) == 1 and letter in "ABCDEFGHIJK":  # multiple choice: compare the letter
         return float(wrap(pred).split("\\boxed{", 1)[1].startswith(letter))
-    return float(verify(gold, parse(wrap(pred))))
+    return float(verify(gold, parse(wrap(pred), parsing_timeout=None), timeout_seconds=None))
+
+def _verify_worker(conn, parent_end):
+    import logging
+    logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # it warns that its timeouts are off
+    parent_end.close()  # so that recv() ends (EOFError) when the trainer exits
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the trainer's handlers: terminate() must work,
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # and Ctrl-C is the trainer's to handle
+    while True:
+        pred, gt = conn.recv()
+        try:
+            conn.send((math_equal(pred, gt), 0))
+        except Exception:
+            conn.send((0.0, 1))
+
+class Verifier:
+    """math_equal in a worker process, so that a pathological answer (a huge exponent, deep nesting)
+    that hangs sympy inside C code can be killed: a check is bounded by `timeout` seconds. A check
+    that times out or raises scores 0 and is counted in `failures`."""
+    timeout, proc, failures = 5.0, None, 0
+
+    def __call__(self, pred, gt):
+        import multiprocessing as mp
+        if self.proc is None:
+            ctx = mp.get_context("fork")  # the child only runs sympy: no torch, no CUDA
+            self.conn, child = ctx.Pipe()
+            self.proc = ctx.Process(target=_verify_worker, args=(child, self.conn), daemon=True)
+            self.proc.start()
+            child.close()
+        self.conn.send((pred, gt))
+        if self.conn.poll(self.timeout):
+            value, failed = self.conn.recv()
+            self.failures += failed
+            return value
+        self.proc.kill()
+        self.proc.join()
+        self.proc, self.failures = None, self.failures + 1
+        return 0.0
+
+VERIFY = Verifier()
 
 def reward_fn(response, ground_truth):
     """-> (accuracy, format) in {0,1}^2; never raises."""
@@ -433,7 +477,7 @@ def reward_fn(response, ground_truth):
         return 0.0, fmt
     try:
         pred, gt = normalize_answer(m.group(1)), normalize_answer(str(ground_truth))
-        return (1.0 if pred == gt else math_equal(pred, gt)), fmt
+        return (1.0 if pred == gt else VERIFY(pred, gt)), fmt
     except Exception:
         return 0.0, fmt
 
@@ -922,8 +966,9 @@ def main(argv=None):
     if eval_set and args.eval_every and start == 0:
         logger.log(0, run_eval())
 
+    VERIFY.timeout, bad_streak, diverged = args.reward_timeout, 0, False
     for step in range(start + 1, args.steps + 1):
-        t0 = time.time()
+        t0, failures = time.time(), VERIFY.failures
         # each rank takes a strided shard, so mini-batch k holds the same groups for any world size
         examples = [data[i] for i in stream.take(args.prompts_per_step)[rank::world]]
         encs = [encode_prompt(processor, ex, is_vlm) for ex in examples]
@@ -952,20 +997,26 @@ def main(argv=None):
         n_tokens = all_sum(sum(len(r["resp"]) for r in rows))
         metrics.update({"loss/ratio_first_dev": first_dev, "time/rollout": t1 - t0, "time/logprob": t2 - t1,
                         "time/update": t3 - t2, "time/step": t3 - t0, "perf/tokens_per_sec": n_tokens / (t3 - t0),
-                        "train/lr": sched.get_last_lr()[0]})
+                        "train/lr": sched.get_last_lr()[0], "train/reward_failures": all_sum(VERIFY.failures - failures)})
         logger.log(step, metrics)
+        bad_streak = bad_streak + 1 if metrics["loss/skipped_frac"] > 0 else 0  # a non-finite loss or gradient
         if eval_set and args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             logger.log(step, run_eval())
         stopping = all_max(len(stop)) > 0
-        if (args.save_every and step % args.save_every == 0) or step == args.steps or stopping:
+        diverged = bad_streak >= args.max_bad_steps
+        if (args.save_every and step % args.save_every == 0) or step == args.steps or stopping or diverged:
             path = save_checkpoint(policy, processor, opt, sched, stream, step, out_dir, rank)
         if stopping:
             say(f"stopped by signal after step {step}; checkpoint {path}; continue with --resume")
+        if stopping or diverged:
             break
     for sig, h in handlers.items():
         signal.signal(sig, h)
     if distributed:
         torch.distributed.destroy_process_group()
+    if diverged:  # skipped steps left the weights untouched: the checkpoint holds the last good ones
+        raise SystemExit(f"error: non-finite loss or gradient norm in {bad_streak} consecutive steps (up to step "
+                         f"{step}); those optimizer steps were skipped and the weights are saved in {path}")
     return out_dir
 
 if __name__ == "__main__":

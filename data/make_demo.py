@@ -1,0 +1,453 @@
+"""Build the CalibRL CPU demo: a visual counting task and a tiny, warm-started Qwen2.5-VL.
+
+What it writes (all deterministic, seeded):
+  data/demo/train.jsonl, data/demo/val.jsonl   rows {"prompt", "images", "answer", "solution"}
+  data/demo/images/*.png                        56x56 images, paths relative to the jsonl files
+  data/tiny-qwen2.5-vl/                         a real Qwen2_5_VLForConditionalGeneration (~0.2M
+                                                parameters) in save_pretrained layout, with a
+                                                locally trained byte-level BPE tokenizer holding
+                                                Qwen's special tokens, Qwen2-VL's chat template
+                                                and a PIL image processor (no torchvision needed)
+
+The task: a 56x56 image is a 2x2 grid of 28x28 cells (one visual token per cell after Qwen's
+14-px patches and 2x2 merge); 1-4 cells hold a coloured square. The question asks for the number
+of squares plus a number given in the text, e.g. solution
+"<think>I count 2 squares. 2 + 3 = 5.</think><answer>5</answer>".
+
+The saved weights are a warm start, right some of the time and wrong some of the time: supervised
+cross-entropy on the expert solutions (response tokens only) of the first half of the train split,
+first for the whole model until it is nearly perfect, then, with a freshly initialised vision tower,
+for the vision tower alone until sampled accuracy on a probe of other train problems passes ~0.35.
+The format, copying and arithmetic stay sharp; most errors are wrong counts (reading the image),
+which is what RL has to fix.
+
+Run:  python data/make_demo.py            (a few minutes on 2 CPU cores)
+Also used by tests: load_processor(path), build_messages(prompt, n_images), tiny_config_model(kind, out_dir).
+"""
+import io
+import json
+import math
+import os
+import random
+import re
+import time
+
+import torch
+from PIL import Image, ImageDraw
+from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+from transformers import (AutoConfig, AutoTokenizer, GenerationConfig, Qwen2_5_VLConfig,
+                          Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                          Qwen2VLImageProcessorPil, Qwen2VLProcessor)
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEMO_DIR = os.path.join(HERE, "demo")
+MODEL_DIR = os.path.join(HERE, "tiny-qwen2.5-vl")
+SEED, N_TRAIN, N_VAL = 1234, 2000, 200
+
+INSTRUCTION = ("You FIRST think about the reasoning process as an internal monologue and then provide the final "
+               "answer. The reasoning process MUST BE enclosed within <think> </think> tags. The final answer MUST "
+               "BE put in <answer> </answer> tags.")
+FORMAT_RE = re.compile(r"^<think>.*?</think>.*?<answer>.*?</answer>$", re.DOTALL)
+ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+# Qwen2-VL's special tokens (same names and order as the real vocabulary's added tokens).
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+# Qwen2-VL / Qwen2.5-VL's chat template, verbatim.
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
+    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}")
+# Text-only ChatML template for the text test model; accepts string or list-of-parts content.
+TEXT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+# ----------------------------------------------------------------------------- prompt format
+def build_messages(prompt, n_images):
+    """Row prompt ("<image>question") -> chat messages; the trainer and the warm start both use this."""
+    pieces = prompt.split("<image>")
+    assert len(pieces) - 1 == n_images, f"prompt has {len(pieces) - 1} <image> placeholders, row has {n_images}"
+    parts = []
+    for i, piece in enumerate(pieces):
+        if i > 0:
+            parts.append({"type": "image"})
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    text_ids = [i for i, p in enumerate(parts) if p["type"] == "text"]
+    if text_ids and INSTRUCTION not in parts[text_ids[-1]]["text"]:
+        parts[text_ids[-1]] = {"type": "text", "text": parts[text_ids[-1]]["text"].rstrip() + " " + INSTRUCTION}
+    elif not text_ids:
+        parts.append({"type": "text", "text": INSTRUCTION})
+    return [{"role": "user", "content": parts}]
+
+
+# ----------------------------------------------------------------------------- processor
+class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+    """Qwen2.5-VL processor without a video processor (which needs torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+
+class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    """Qwen2-VL processor without a video processor (which needs torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+
+def save_processor(proc, path):
+    """save_pretrained, but record the stock class name (Qwen2_5_VLProcessor / Qwen2VLProcessor) and add the
+    legacy preprocessor_config.json (which AutoVideoProcessor falls back to, as for the released Qwen checkpoints),
+    so that AutoProcessor on an install with torchvision treats the directory like a real Qwen checkpoint."""
+    proc.save_pretrained(path)
+    proc.image_processor.save_pretrained(path)
+    stock = type(proc).__mro__[1].__name__
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        with open(os.path.join(path, name)) as f:
+            cfg = json.load(f)
+        cfg["processor_class"] = stock
+        for key in ("is_local", "local_files_only"):  # machine-specific load flags, not config
+            cfg.pop(key, None)
+        with open(os.path.join(path, name), "w") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
+def load_processor(path):
+    """Processor for a model directory, with or without torchvision: image processor + tokenizer
+    (+ chat template) for Qwen2-VL / Qwen2.5-VL, the tokenizer alone for text-only models."""
+    model_type = AutoConfig.from_pretrained(path).model_type
+    if model_type in ("qwen2_5_vl", "qwen2_vl"):
+        cls = ImageOnlyQwen2_5_VLProcessor if model_type == "qwen2_5_vl" else ImageOnlyQwen2VLProcessor
+        return cls.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+# ----------------------------------------------------------------------------- task
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "orange": (240, 150, 30)}
+CELLS = [(0, 0), (28, 0), (0, 28), (28, 28)]  # (x, y) of the four 28x28 cells
+
+
+def make_problem(rng):
+    """One problem: (drawing spec, question, answer, solution)."""
+    count, add = rng.randint(1, 4), rng.randint(1, 5)
+    squares = []
+    for cx, cy in sorted(rng.sample(CELLS, count)):
+        side = rng.randint(14, 20)
+        x, y = cx + rng.randint(2, 26 - side), cy + rng.randint(2, 26 - side)
+        squares.append((x, y, side, rng.choice(sorted(COLORS))))
+    question = f"How many squares are in the image? Add {add} to that number."
+    answer = str(count + add)
+    s = "square" if count == 1 else "squares"
+    solution = f"<think>I count {count} {s}. {count} + {add} = {answer}.</think><answer>{answer}</answer>"
+    return squares, question, answer, solution
+
+
+def draw(squares):
+    img = Image.new("RGB", (56, 56), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    for x, y, side, color in squares:
+        d.rectangle([x, y, x + side - 1, y + side - 1], fill=COLORS[color])
+    return img
+
+
+def generate_splits():
+    """Deterministic problems for both splits (no files written)."""
+    rng = random.Random(SEED)
+    return {name: [make_problem(rng) for _ in range(n)] for name, n in (("train", N_TRAIN), ("val", N_VAL))}
+
+
+def write_atomic(path, data):
+    """Write bytes via a temporary file + rename, so a concurrent reader never sees a partial file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def write_splits(splits):
+    os.makedirs(os.path.join(DEMO_DIR, "images"), exist_ok=True)
+    rows = {}
+    for name, problems in splits.items():
+        rows[name] = []
+        for i, (squares, question, answer, solution) in enumerate(problems):
+            rel = f"images/{name}_{i:04d}.png"
+            buf = io.BytesIO()
+            draw(squares).save(buf, format="PNG", optimize=True)
+            write_atomic(os.path.join(DEMO_DIR, rel), buf.getvalue())
+            rows[name].append({"prompt": "<image>" + question, "images": [rel], "answer": answer, "solution": solution})
+        lines = "".join(json.dumps(r) + "\n" for r in rows[name])
+        write_atomic(os.path.join(DEMO_DIR, f"{name}.jsonl"), lines.encode())
+    return rows
+
+
+def save_model_dir(model, proc, path):
+    """save_pretrained into a temporary directory, then move the files in one by one (each atomically)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    save_processor(proc, tmp)
+    os.makedirs(path, exist_ok=True)
+    for name in sorted(os.listdir(tmp)):
+        os.replace(os.path.join(tmp, name), os.path.join(path, name))
+    os.rmdir(tmp)
+
+
+# ----------------------------------------------------------------------------- tokenizer + models
+def train_tokenizer(splits, vocab_size=600):
+    """Byte-level BPE (Qwen2's pre-tokenizer: digits split one by one) trained on the demo texts."""
+    texts = [CHAT_TEMPLATE, TEXT_CHAT_TEMPLATE, INSTRUCTION, "You are a helpful assistant.", "system user assistant"]
+    texts += [q + " " + s for problems in splits.values() for _, q, _, s in problems]
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    bpe = json.loads(tok.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in bpe["merges"]]
+    hf = Qwen2Tokenizer(vocab=bpe["vocab"], merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                        unk_token=None)
+    hf.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS], special_tokens=True)
+    assert [hf.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+    return hf
+
+
+def token_ids(tok):
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    return dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|endoftext|>"])
+
+
+def text_config_dict(tok, hidden=64, layers=2):
+    t = token_ids(tok)
+    return dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                bos_token_id=t["bos_token_id"], eos_token_id=t["eos_token_id"], pad_token_id=t["pad_token_id"])
+
+
+def generation_config(tok):
+    t = token_ids(tok)
+    return GenerationConfig(bos_token_id=t["bos_token_id"], pad_token_id=t["pad_token_id"],
+                            eos_token_id=[t["eos_token_id"], t["pad_token_id"]])
+
+
+def tiny_qwen2_5_vl(tok):
+    t = token_ids(tok)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1])
+    cfg = Qwen2_5_VLConfig(text_config=text_config_dict(tok), vision_config=vision, **{
+        k: t[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")})
+    model = Qwen2_5_VLForConditionalGeneration(cfg)
+    model.generation_config = generation_config(tok)
+    return model
+
+
+def make_image_processor():
+    # One 56x56 demo image -> a 4x4 patch grid -> 4 visual tokens.
+    return Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
+
+
+def tiny_config_model(kind, out_dir):
+    """Randomly initialised tiny test model sharing the demo tokenizer, saved (with its processor) to out_dir.
+    kind "qwen2_vl": Qwen2VLForConditionalGeneration + image-only processor (same image processor and chat
+    template as the demo model); kind "text": Qwen2ForCausalLM + tokenizer with a text-only ChatML template.
+    Returns (model, processor_or_tokenizer)."""
+    torch.manual_seed(0)
+    tok = train_tokenizer(generate_splits())
+    t = token_ids(tok)
+    if kind == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, mlp_ratio=2, num_heads=2, hidden_size=64, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        cfg = Qwen2VLConfig(text_config=text_config_dict(tok), vision_config=vision, **{
+            k: t[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")})
+        model = Qwen2VLForConditionalGeneration(cfg)
+        proc = ImageOnlyQwen2VLProcessor(image_processor=make_image_processor(), tokenizer=tok,
+                                         chat_template=CHAT_TEMPLATE)
+    elif kind == "text":
+        cfg = text_config_dict(tok)
+        cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+        model = Qwen2ForCausalLM(Qwen2Config(**cfg))
+        tok.chat_template = TEXT_CHAT_TEMPLATE
+        proc = tok
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+    model.generation_config = generation_config(tok)
+    model.save_pretrained(out_dir)
+    if kind == "text":
+        proc.save_pretrained(out_dir)
+    else:
+        save_processor(proc, out_dir)
+    return model, proc
+
+
+# ----------------------------------------------------------------------------- warm start
+def encode_prompt(proc, row, base_dir):
+    images = [Image.open(os.path.join(base_dir, p)).convert("RGB") for p in row["images"]]
+    text = proc.apply_chat_template(build_messages(row["prompt"], len(images)), add_generation_prompt=True,
+                                    tokenize=False)
+    return text, images
+
+
+def check_processor(proc, row):
+    """One demo image -> 16 patches (grid 1x4x4) -> 4 <|image_pad|> tokens inside vision_start/end."""
+    text, images = encode_prompt(proc, row, DEMO_DIR)
+    inp = proc(text=[text], images=images, return_tensors="pt")
+    ids, tok = inp["input_ids"][0].tolist(), proc.tokenizer
+    pad, start = tok.convert_tokens_to_ids("<|image_pad|>"), tok.convert_tokens_to_ids("<|vision_start|>")
+    assert inp["image_grid_thw"].tolist() == [[1, 4, 4]] and tuple(inp["pixel_values"].shape) == (16, 1176)
+    assert ids.count(pad) == 4 and ids[ids.index(start) + 1:ids.index(start) + 5] == [pad] * 4
+    assert inp["mm_token_type_ids"][0].tolist() == [int(i == pad) for i in ids]
+
+
+def sft_batch(proc, rows, base_dir):
+    """Left-padded prompts + response (solution tokens + <|im_end|>) right-padded: the trainer's layout."""
+    im_end, pad = proc.tokenizer.convert_tokens_to_ids("<|im_end|>"), proc.tokenizer.pad_token_id
+    texts, images = zip(*(encode_prompt(proc, r, base_dir) for r in rows))
+    inp = proc(text=list(texts), images=[im for ims in images for im in ims], return_tensors="pt", padding=True,
+               padding_side="left")
+    resp = [proc.tokenizer(r["solution"], add_special_tokens=False).input_ids + [im_end] for r in rows]
+    R = max(map(len, resp))
+    resp_ids = torch.tensor([x + [pad] * (R - len(x)) for x in resp])
+    resp_mask = torch.tensor([[1] * len(x) + [0] * (R - len(x)) for x in resp])
+    input_ids = torch.cat([inp["input_ids"], resp_ids], 1)
+    attention_mask = torch.cat([inp["attention_mask"], resp_mask], 1)
+    mm_token_type_ids = torch.cat([inp["mm_token_type_ids"], torch.zeros_like(resp_ids)], 1)
+    labels = torch.cat([torch.full_like(inp["input_ids"], -100), resp_ids.masked_fill(resp_mask == 0, -100)], 1)
+    return dict(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
+                pixel_values=inp["pixel_values"], image_grid_thw=inp["image_grid_thw"]), labels
+
+
+def suppress_ids(tok):
+    return [tok.convert_tokens_to_ids(t) for t in VISION_TOKENS]
+
+
+@torch.no_grad()
+def evaluate(model, proc, rows, base_dir, k=4, greedy=False, batch=16, max_new_tokens=40):
+    """Fraction of sampled (T=1) or greedy responses whose <answer> equals the ground truth, and format rate."""
+    model.eval()
+    tok = proc.tokenizer
+    correct = formatted = n = 0
+    for i in range(0, len(rows), batch):
+        chunk = rows[i:i + batch]
+        texts, images = zip(*(encode_prompt(proc, r, base_dir) for r in chunk))
+        inp = proc(text=list(texts), images=[im for ims in images for im in ims], return_tensors="pt",
+                   padding=True, padding_side="left")
+        kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                                       num_return_sequences=k)
+        out = model.generate(**inp, max_new_tokens=max_new_tokens, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                             pad_token_id=tok.pad_token_id, suppress_tokens=suppress_ids(tok), **kw)
+        reps = 1 if greedy else k
+        for j, seq in enumerate(out[:, inp["input_ids"].shape[1]:]):
+            text = tok.decode(seq, skip_special_tokens=True).strip()
+            m = ANSWER_RE.search(text)
+            correct += bool(m) and m.group(1).strip() == chunk[j // reps]["answer"]
+            formatted += bool(FORMAT_RE.match(text))
+            n += 1
+    model.train()
+    return correct / n, formatted / n
+
+
+def sft_step(model, opt, proc, rows, step, base_dir, batch=16):
+    start = ((step - 1) * batch) % len(rows)
+    inputs, labels = sft_batch(proc, rows[start:start + batch], base_dir)
+    logits = model(**inputs).logits[:, :-1].float()
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                             ignore_index=-100)
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+    opt.step()
+    return loss.item()
+
+
+def warm_start(model, tok, proc, train_rows, base_dir, steps1=500, lr1=3e-3, lr2=3e-4, max_steps2=300, target=0.35):
+    """Two-phase SFT on the first half of the train split (the rest of it stays unseen by the warm start).
+    Phase 1 trains the whole model to convergence (format, copying, arithmetic and counting). Phase 2 swaps in a
+    freshly initialised vision tower and trains only it, stopping once sampled accuracy on a probe of other train
+    problems reaches `target`: the language model stays sharp, so the remaining errors mostly come from reading
+    the image (wrong counts), which is what RL then has to fix."""
+    sft_rows, probe = train_rows[:N_TRAIN // 2], train_rows[N_TRAIN // 2:N_TRAIN // 2 + 96]
+    model.train()
+    t0 = time.time()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr1, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps1)))
+    for step in range(1, steps1 + 1):
+        loss = sft_step(model, opt, proc, sft_rows, step, base_dir)
+        sched.step()
+        if step % 100 == 0:
+            print(f"phase 1 step {step:4d}  loss {loss:.4f}  ({time.time() - t0:.0f}s)")
+    acc, fmt = evaluate(model, proc, probe, base_dir)
+    print(f"phase 1 done: probe acc {acc:.3f}  format {fmt:.3f}")
+    torch.manual_seed(SEED + 1)
+    model.model.visual.load_state_dict(tiny_qwen2_5_vl(tok).model.visual.state_dict())
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("model.visual."))
+    opt = torch.optim.AdamW(model.model.visual.parameters(), lr=lr2, weight_decay=0.0)
+    for step in range(0, max_steps2 + 1):
+        if step > 0:
+            loss = sft_step(model, opt, proc, sft_rows, steps1 + step, base_dir)
+        if step % 5 == 0:
+            acc, fmt = evaluate(model, proc, probe, base_dir)
+            print(f"phase 2 step {step:4d}  probe acc {acc:.3f}  format {fmt:.3f}  ({time.time() - t0:.0f}s)")
+            if acc >= target:
+                break
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    return steps1, step
+
+
+def main():
+    t_start = time.time()
+    torch.set_num_threads(2)
+    torch.manual_seed(SEED)
+    splits = generate_splits()
+    rows = write_splits(splits)
+    tok = train_tokenizer(splits)
+    proc = ImageOnlyQwen2_5_VLProcessor(image_processor=make_image_processor(), tokenizer=tok,
+                                        chat_template=CHAT_TEMPLATE)
+    model = tiny_qwen2_5_vl(tok)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"vocab {len(tok)}  params {n_params}  data written in {time.time() - t_start:.1f}s")
+    steps = warm_start(model, tok, proc, rows["train"], DEMO_DIR)
+    save_model_dir(model, proc, MODEL_DIR)
+    proc = load_processor(MODEL_DIR)  # check the saved directory round-trips
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(MODEL_DIR, dtype=torch.float32)
+    check_processor(proc, rows["val"][0])
+    torch.manual_seed(SEED)
+    acc, fmt = evaluate(model, proc, rows["val"], DEMO_DIR, k=4)
+    gacc, gfmt = evaluate(model, proc, rows["val"], DEMO_DIR, greedy=True)
+    texts, images = zip(*(encode_prompt(proc, r, DEMO_DIR) for r in rows["val"][:4]))
+    inp = proc(text=list(texts), images=[im for ims in images for im in ims], return_tensors="pt", padding=True,
+               padding_side="left")
+    t0 = time.time()
+    model.generate(**inp, max_new_tokens=40, do_sample=True, top_k=0, num_return_sequences=8,
+                   suppress_tokens=suppress_ids(proc.tokenizer))
+    print(f"generate, 4 prompts x 8 samples, <= 40 new tokens: {time.time() - t0:.2f}s")
+    print(f"warm start: {steps} SFT steps (phase 1, phase 2); val eval/accuracy {acc:.3f} format {fmt:.3f} (k=4, T=1); "
+          f"greedy accuracy {gacc:.3f} format {gfmt:.3f}; total {time.time() - t_start:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
