@@ -6,7 +6,7 @@ GRPO-style RL with verifiable rewards where each prompt's group of G on-policy r
 one expert trajectory. The expert is not imitated: its token log-probs under pi_old are a
 calibration baseline l^E in a LeakyReLU-gated, |advantage|-weighted extra term (Eq. C below).
 The objective is the one the official code (github.com/zhh6425/CalibRL, a verl fork) computes;
-../shared/calibrl-spec.md in the development tree is the written specification.
+the README lists the equations, the data schema and every logged metric.
 
 Run it:
     python calibrl.py                                   # embedded demo: tiny Qwen2.5-VL, CPU, minutes
@@ -56,16 +56,16 @@ import torch.nn.functional as F
 # -----------------------------------------------------------------------------
 # Configuration: one block; every field is a --flag, its help string is the docstring.
 
-def arg(default, help):
-    return field(default=default, metadata={"help": help})
+def arg(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 @dataclass
 class Args:
     model: str = arg(None, "HF id or local path; default: the tiny Qwen2.5-VL in data/")
     data: str = arg(None, "training data, .parquet or .jsonl; default: the bundled demo data")
     eval_data: str = arg(None, "validation data (same schema); default with the demo: its val split")
-    algo: str = arg("calibrl", "calibrl | grpo | luffy | rlplus")
-    preset: str = arg(None, "demo | paper; default: demo without --model, paper with it")
+    algo: str = arg("calibrl", "the objective: CalibRL or one of the paper's baselines", ["calibrl", "grpo", "luffy", "rlplus"])
+    preset: str = arg(None, "default: demo without --model, paper with it", ["demo", "paper"])
     steps: int = arg(60, "training steps (one step = rollout + log-probs + update)")
     output_dir: str = arg(None, "run folder; default runs/<algo>-<timestamp>")
     resume: bool = arg(False, "continue from the newest complete checkpoint in --output-dir")
@@ -85,7 +85,7 @@ class Args:
     micro_batch_size: int = arg(64, "rows per forward/backward (gradient accumulation)")
     rollout_batch_prompts: int = arg(64, "prompts per generate call on each rank")
     ppo_epochs: int = arg(1, "passes over the step's rollouts")
-    lr: float = arg(1e-3, "AdamW learning rate (constant after warm-up)")
+    lr: float = arg(1e-4, "AdamW learning rate (constant after warm-up)")
     warmup_steps: int = arg(0, "optimizer steps of linear learning-rate warm-up")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     max_grad_norm: float = arg(1.0, "gradient-norm clip")
@@ -99,15 +99,15 @@ class Args:
     alpha: float = arg(0.5, "LeakyReLU negative slope of the guided term")
     lam: float = arg(0.1, "weight lambda of the guided term")
     std_normalize: bool = arg(False, "divide advantages by the group's std + 1e-6")
-    mixup: str = arg("random", "random | pass: which groups keep their expert row (LUFFY, RL-PLUS)")
+    mixup: str = arg("random", "which groups keep their expert row (LUFFY, RL-PLUS)", ["random", "pass"])
     mixup_ratio: float = arg(1.0, "mixup random: probability that a group keeps its expert row")
     mixup_pass_min: float = arg(0.0, "mixup pass: keep the expert if the group's pass rate >= this")
     mixup_pass_max: float = arg(0.5, "mixup pass: ... and <= this")
     solution_key: str = arg("solution", "row field holding the expert solution")
     answer_key: str = arg("answer", "row field holding the ground truth (else reward_model.ground_truth)")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward")
-    dtype: str = arg("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16")
-    fused: str = arg("auto", "auto | on | off: the fused Triton log-prob/loss op (auto: on with CUDA)")
+    dtype: str = arg("auto", "compute dtype; auto: bf16 on GPU, fp32 on CPU", ["auto", "float32", "bfloat16", "float16"])
+    fused: str = arg("auto", "the fused Triton log-prob/loss op; auto: on with CUDA", ["auto", "on", "off"])
     tensorboard: bool = arg(False, "also write TensorBoard events to --output-dir")
 
 PRESETS = {
@@ -122,21 +122,18 @@ PRESETS = {
 }
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="[defaults] are the demo preset's; --preset paper sets: " +
+                                ", ".join(f"{k}={v}" for k, v in PRESETS["paper"].items()))
     for f in dataclasses.fields(Args):
-        name = "--" + f.name.replace("_", "-")
+        name, m = "--" + f.name.replace("_", "-"), f.metadata
         if f.type is bool:
-            p.add_argument(name, action="store_true", default=argparse.SUPPRESS, help=f.metadata["help"])
+            p.add_argument(name, action="store_true", default=argparse.SUPPRESS, help=m["help"])
         else:
-            p.add_argument(name, type=f.type, default=argparse.SUPPRESS, help=f"{f.metadata['help']} [{f.default}]")
+            p.add_argument(name, type=f.type, choices=m["choices"], default=argparse.SUPPRESS, help=f"{m['help']} [{f.default}]")
     given = vars(p.parse_args(argv))  # only the flags the user typed
     preset = given.get("preset") or ("paper" if given.get("model") else "demo")
-    if preset not in PRESETS:
-        p.error(f"--preset must be one of {list(PRESETS)}")
-    args = Args(**{**PRESETS[preset], **given, "preset": preset})  # explicit flags beat the preset
-    if args.algo not in ("calibrl", "grpo", "luffy", "rlplus"):
-        p.error("--algo must be calibrl, grpo, luffy or rlplus")
-    return args
+    return Args(**{**PRESETS[preset], **given, "preset": preset})  # explicit flags beat the preset
 
 # -----------------------------------------------------------------------------
 # Distributed set-up: torchrun sets RANK / WORLD_SIZE; a plain `python calibrl.py` is rank 0 of 1.
@@ -250,6 +247,8 @@ def load_model(path, dtype, device):
     im_end = tok.convert_tokens_to_ids("<|im_end|>")  # generation stops at the end of the turn
     tok.eos_id = im_end if isinstance(im_end, int) and im_end != tok.unk_token_id else tok.eos_token_id
     tok.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_id
+    extra = model.generation_config.eos_token_id  # e.g. Qwen's <|endoftext|> also ends a response
+    tok.stop_ids = sorted({tok.eos_id, *(extra if isinstance(extra, list) else [extra] if extra is not None else [])})
     return model, processor, tok, is_vlm
 
 # -----------------------------------------------------------------------------
@@ -529,15 +528,15 @@ def generate(policy, tok, encs, n, args, device, greedy=False):
     gen = GenerationConfig(do_sample=not greedy, temperature=args.temperature if not greedy else None,
                            top_p=args.top_p if not greedy else None, top_k=0 if not greedy else None,
                            max_new_tokens=args.max_response_length, num_return_sequences=n,
-                           eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+                           eos_token_id=tok.stop_ids, pad_token_id=tok.pad_id,
                            suppress_tokens=[i for i in vision_ids if i is not None] or None)  # untrained models sample <|image_pad|>
     out = []
     for i in range(0, len(encs), args.rollout_batch_prompts):
         batch, L = collate(encs[i:i + args.rollout_batch_prompts], None, tok.pad_id, device)
         seqs = policy(lambda m: m.generate(**batch, generation_config=gen, synced_gpus=torch.distributed.is_initialized()))
-        for s in seqs[:, L:].cpu():  # (B*n, T_gen): cut after the first eos
-            end = (s == tok.eos_id).nonzero()
-            out.append(s[: end[0, 0] + 1] if len(end) else s[s != tok.pad_id])
+        for s in seqs[:, L:].cpu():  # (B*n, T_gen): cut after the first stop token (else: truncated)
+            end = torch.isin(s, torch.tensor(tok.stop_ids)).nonzero()
+            out.append(s[: end[0, 0] + 1] if len(end) else s)
     return out
 
 def rollout(policy, tok, examples, encs, args, device):

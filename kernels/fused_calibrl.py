@@ -35,7 +35,6 @@ Departures from the reference path (calibrl.token_logprobs / policy_loss on mate
 import os
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -253,7 +252,8 @@ def fused_logprobs(hidden, weight, targets, temperature=1.0):
 
 
 # -----------------------------------------------------------------------------
-# The loss on the (R, T) vectors: cheap elementwise torch, autograd gives dL/dlogp to the kernel.
+# The loss on the (R, T) vectors: calibrl.policy_loss itself (cheap elementwise torch); autograd
+# hands dL/dlogp to the kernel's backward.
 
 def _group_advantages(rewards, group_ids, expert_rows, std_normalize, eps=1e-6):
     """Eq. A with arbitrary group ids: A = (r - mean of the group's on-policy r) [/ (std + eps)].
@@ -272,49 +272,6 @@ def _group_advantages(rewards, group_ids, expert_rows, std_normalize, eps=1e-6):
     return adv, rewards > 0.5   # a lone on-policy row is its own mean: A = 0 exactly (decision 5)
 
 
-def _policy_loss(logp, old_logp, A, mask, is_exp, passed, expert_logp, algo, clip_low, clip_high,
-                 clip_c, alpha, lam, num_tokens):
-    """The same per-token objective as calibrl.policy_loss (Eq. C and the baselines)."""
-    on = mask * (~is_exp)[:, None]                                               # (R, T) on-policy tokens
-    A = A[:, None]                                                               # (R, 1)
-    log_ratio = torch.where(mask > 0, logp - old_logp, torch.zeros_like(logp))
-    rho = log_ratio.exp()
-    pg1, pg2 = -A * rho, -A * rho.clamp(1 - clip_low, 1 + clip_high)
-    ppo = torch.maximum(pg1, pg2)                                                # Eq. C: PPO clip
-    ppo = torch.where(A < 0, torch.minimum(ppo, -A * clip_c), ppo)               # dual clip for A < 0
-    per_tok = ppo * on
-    g = torch.zeros_like(logp)
-    if algo == "calibrl":   # Eq. C: |A| LeakyReLU_alpha(-s (log pi - l^E)), s = +1 passed, -1 failed
-        s = passed.to(logp.dtype)[:, None] * 2 - 1
-        base = torch.zeros_like(logp) if expert_logp is None else expert_logp
-        g = A.abs() * F.leaky_relu(-s * (logp - base), alpha)
-        per_tok = per_tok + lam * g * on
-    elif algo in ("luffy", "rlplus"):   # expert tokens: -A_E f(p) / -A_E w sg[(1 - p)^0.5]
-        p = torch.where(mask > 0, logp, torch.zeros_like(logp)).exp()
-        if algo == "luffy":
-            off = -A * p / (p + 0.1)
-        else:
-            p_old = torch.where(mask > 0, old_logp, torch.zeros_like(logp)).exp()
-            off = -A * (2 * p / (p_old + 0.5 * (p_old + 1))) * (1 - p).clamp(min=0).sqrt().detach()
-        per_tok = per_tok + off * mask * is_exp[:, None]
-    elif algo != "grpo":
-        raise ValueError(f"unknown algo {algo!r}")
-    counted = on if algo in ("calibrl", "grpo") else mask
-    own = counted.sum()
-    loss = (per_tok * counted).sum() / (num_tokens if num_tokens is not None else own.clamp(min=1))
-    with torch.no_grad():
-        n = on.sum().clamp(min=1)
-        metrics = {"loss/clipfrac": ((pg2 > pg1).float() * on).sum() / n,
-                   "loss/dualclip_frac": (((A < 0) & (torch.maximum(pg1, pg2) > -A * clip_c)).float() * on).sum() / n,
-                   "loss/ratio": (rho * on).sum() / n,
-                   "loss/ratio_max_dev": ((rho - 1).abs() * on).max(),
-                   "loss/ppo": (ppo * on).sum() / n,
-                   "loss/guided": (g * on).sum() / n,
-                   "loss/approx_kl": (-log_ratio * on).sum() / n,
-                   "tokens": own}
-    return loss, metrics
-
-
 def fused_policy_loss(hidden, weight, targets, old_logp, mask, rewards=None, group_ids=None, *,
                       advantages=None, passed=None, algo="calibrl", expert_logp=None, expert_rows=None,
                       temperature=1.0, std_normalize=False, clip_low=0.2, clip_high=0.2, clip_c=3.0,
@@ -329,7 +286,8 @@ def fused_policy_loss(hidden, weight, targets, old_logp, mask, rewards=None, gro
     valid = mask.reshape(-1) > 0                                                  # (R*T,) only these reach the head
     logp_v, _ = fused_logprobs(hidden.reshape(R * T, H)[valid], weight, targets.reshape(-1)[valid], temperature)
     logp = torch.zeros(R * T, device=hidden.device, dtype=torch.float32).masked_scatter(valid, logp_v).view(R, T)
-    is_exp = torch.zeros(R, dtype=torch.bool, device=hidden.device) if expert_rows is None else expert_rows.bool()
-    return _policy_loss(logp, old_logp.float(), advantages.float(), mask.float(), is_exp, passed,
-                        None if expert_logp is None else expert_logp.float(), algo, clip_low, clip_high,
-                        clip_c, alpha, lam, num_tokens)
+    from calibrl import policy_loss  # the one definition of Eq. C: cheap elementwise work on (R, T)
+    return policy_loss(logp, old_logp.float(), advantages.float(), mask.float(), algo=algo, passed=passed,
+                       expert_logp=None if expert_logp is None else expert_logp.float(), expert_rows=expert_rows,
+                       clip_low=clip_low, clip_high=clip_high, clip_c=clip_c, alpha=alpha, lam=lam,
+                       num_tokens=num_tokens)
