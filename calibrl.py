@@ -34,6 +34,8 @@ Departures from the paper and the official code (see README):
     preset; the official code sizes them in rows and makes a short fifth one).
  8. Rows whose advantage is exactly 0 contribute exactly 0 to loss and gradient; they are counted
     in the token-mean but not run through the model in the update.
+ 9. The expert response is the solution text + the end-of-turn token, teacher-forced after the same
+    chat prompt (images included) and scored at the rollout temperature.
 """
 import argparse
 import contextlib
@@ -797,8 +799,8 @@ def reduce_stats(stats):
     return {k: (s / n if n else 0.0) for k, (s, n) in zip(keys, t.tolist())}
 
 class Logger:
-    def __init__(self, out_dir, rank, tensorboard):
-        self.rank, self.path, self.tb = rank, os.path.join(out_dir, "metrics.jsonl"), None
+    def __init__(self, out_dir, rank, tensorboard, steps):
+        self.rank, self.path, self.tb, self.steps, self.t0 = rank, os.path.join(out_dir, "metrics.jsonl"), None, steps, None
         if rank == 0 and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(out_dir)
@@ -819,7 +821,9 @@ class Logger:
                 self.tb.add_scalar(k, v, step)
         if "train/reward" in metrics:
             m = metrics
-            print(f"step {step:4d} | reward {m['train/reward']:.3f} acc {m['train/accuracy']:.3f} "
+            self.t0 = self.t0 or (time.time() - m["time/step"], step - 1)  # progress: step/total and ETA
+            eta = (time.time() - self.t0[0]) / (step - self.t0[1]) * (self.steps - step)
+            print(f"step {step}/{self.steps} eta {eta / 60:.1f}m | reward {m['train/reward']:.3f} acc {m['train/accuracy']:.3f} "
                   f"fmt {m['train/format']:.2f} | ent {m['train/entropy']:.3f} clip {m.get('loss/clipfrac', 0):.3f} "
                   f"guided {m.get('loss/guided', 0):.4f} | len {m['train/response_length']:.1f} | "
                   f"t {m['time/rollout']:.1f}/{m['time/logprob']:.1f}/{m['time/update']:.1f}s "
@@ -890,6 +894,8 @@ def load_checkpoint(policy, opt, sched, stream, path, rank):
 # Main loop: rollout -> pi_old log-probs and l^E -> advantages -> update -> log / eval / save.
 
 def main(argv=None):
+    import warnings
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP in one process: fine
     args = parse_args(argv)
     rank, world, device = setup_distributed()
     say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
@@ -939,7 +945,7 @@ def main(argv=None):
                 shutil.rmtree(d)
             open(os.path.join(out_dir, "metrics.jsonl"), "w").close()
     barrier()
-    logger = Logger(out_dir, rank, args.tensorboard)
+    logger = Logger(out_dir, rank, args.tensorboard, args.steps)
     if args.eval_only:
         logger.log(0, run_eval())
         return out_dir
@@ -998,6 +1004,8 @@ def main(argv=None):
                         "time/update": t3 - t2, "time/step": t3 - t0, "perf/tokens_per_sec": n_tokens / (t3 - t0),
                         "train/lr": sched.get_last_lr()[0], "train/reward_failures": all_sum(VERIFY.failures - failures)})
         logger.log(step, metrics)
+        if first_dev > 1e-3:  # the self-check: pi_theta == pi_old before the first optimizer step
+            say(f"warning: step {step}: |pi_theta/pi_old - 1| = {first_dev:.1e} on the first update (log-prob paths differ?)")
         bad_streak = bad_streak + 1 if metrics["loss/skipped_frac"] > 0 else 0  # a non-finite loss or gradient
         if eval_set and args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             logger.log(step, run_eval())

@@ -351,7 +351,7 @@ def params(ckpt):
 
 def test_torchrun_two_ranks_trains_and_checkpoints(tmp_path):
     out = torchrun(2, "calibrl.py", *E2E, "--eval-every", "1", "--eval-max-prompts", "4", "--output-dir", str(tmp_path))
-    assert "world 2" in out and "step    2" in out
+    assert "world 2" in out and "step 2/2" in out
     lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
     assert [l["step"] for l in lines if "train/reward" in l] == [1, 2]
     assert sorted(os.listdir(tmp_path / "checkpoint-2" / "state")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
@@ -829,3 +829,15 @@ def test_one_step_on_a_text_only_lm(tmp_path, make_demo):
     assert sorted(run_metrics(out)) == [1]
     with pytest.raises(SystemExit, match=r"row 1, field 'images': the model is text-only"):
         calibrl.main(args[:-2] + ["--data", write_jsonl(tmp_path / "i.jsonl", demo_rows(1)), "--output-dir", str(tmp_path / "p")])
+
+
+def test_eval_only_on_a_hand_written_jsonl(tmp_path):
+    rows = demo_rows(3)
+    rows[1]["answer"] = 99  # never right: accuracy can be neither 0 nor 1 only by chance
+    data = write_jsonl(tmp_path / "mine.jsonl", rows)
+    out = calibrl.main(["--eval-only", "--model", calibrl.DEMO_MODEL, "--preset", "demo", "--eval-data", data,
+                        "--eval-samples", "3", "--output-dir", str(tmp_path / "o")])
+    (m,) = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    assert set(m) == {"step", "eval/accuracy", "eval/pass@k", "eval/greedy_accuracy", "eval/format", "eval/response_length"}
+    assert 0 <= m["eval/accuracy"] <= 2 / 3 and m["eval/accuracy"] <= m["eval/pass@k"] <= 2 / 3
+    assert m["eval/response_length"] > 0
