@@ -802,7 +802,10 @@ class Logger:
     def __init__(self, out_dir, rank, tensorboard, steps):
         self.rank, self.path, self.tb, self.steps, self.t0 = rank, os.path.join(out_dir, "metrics.jsonl"), None, steps, None
         if rank == 0 and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise SystemExit("error: --tensorboard needs the tensorboard package (pip install tensorboard)")
             self.tb = SummaryWriter(out_dir)
 
     def truncate(self, step):
