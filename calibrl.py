@@ -768,16 +768,19 @@ def clip_grad_norm(model, max_norm):
 # -----------------------------------------------------------------------------
 # Evaluation: k samples at the training temperature + greedy, on a random stream of its own.
 
+EVAL_KEYS = ("eval/accuracy", "eval/pass@k", "eval/format", "eval/response_length", "eval/greedy_accuracy")
+
 @torch.no_grad()
 def evaluate(policy, tok, processor, examples, args, device, is_vlm, rank, world, rollout_ctx):
-    examples = examples[: args.eval_max_prompts or None][rank::world]
-    k, stats = args.eval_samples, {}
+    examples = examples[: args.eval_max_prompts or None]
+    mine, k, rb = examples[rank::world], args.eval_samples, args.rollout_batch_prompts
+    stats = {key: [0.0, 0.0] for key in EVAL_KEYS}  # every rank reports every key (reduce_stats)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), rollout_ctx():  # the training stream is left as it was
         torch.manual_seed(10_000 + args.seed + rank)
-        for i in range(0, len(examples), args.rollout_batch_prompts):
-            exs = examples[i:i + args.rollout_batch_prompts]
-            encs = [encode_prompt(processor, ex, is_vlm) for ex in exs]
+        for b in range(int(all_max(math.ceil(len(mine) / rb)))):  # the same number of generate calls on
+            exs = mine[b * rb:(b + 1) * rb]                           # every rank: a rank with nothing left
+            encs = [encode_prompt(processor, ex, is_vlm) for ex in exs or examples[:1]]  # decodes a dummy
             sampled = generate(policy, tok, encs, k, args, device)
             greedy = generate(policy, tok, encs, 1, args, device, greedy=True)
             for p, ex in enumerate(exs):
@@ -793,10 +796,11 @@ def evaluate(policy, tok, processor, examples, args, device, is_vlm, rank, world
 # Logging and checkpoints: one line per step, metrics.jsonl always, TensorBoard on request.
 
 def reduce_stats(stats):
-    """[sum, n] per key, summed over ranks -> {key: mean}. Every rank holds the same keys."""
+    """[sum, n] per key, summed over ranks -> {key: mean}; keys with no data anywhere are dropped.
+    Every rank must hold the same keys (register them with n = 0 where a rank has no data)."""
     keys = sorted(stats)
     t = all_sum(torch.tensor([v for k in keys for v in stats[k]], dtype=torch.float64)).view(-1, 2)
-    return {k: (s / n if n else 0.0) for k, (s, n) in zip(keys, t.tolist())}
+    return {k: s / n for k, (s, n) in zip(keys, t.tolist()) if n}
 
 class Logger:
     def __init__(self, out_dir, rank, tensorboard, steps):
@@ -991,6 +995,7 @@ def main(argv=None):
         stats, first_dev = update(policy, opt, sched, encs, groups, args, device, tok.pad_id, world)
         t3 = time.time()
 
+        add(stats, "train/expert_accuracy", 0.0, 0)  # a rank without expert rows still holds the key
         for r in rows:
             if not r["expert"]:
                 add(stats, "train/reward", r["reward"])

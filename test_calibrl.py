@@ -350,7 +350,9 @@ def params(ckpt):
     return safetensors.torch.load_file(os.path.join(ckpt, "model.safetensors"))
 
 def test_torchrun_two_ranks_trains_and_checkpoints(tmp_path):
-    out = torchrun(2, "calibrl.py", *E2E, "--eval-every", "1", "--eval-max-prompts", "4", "--output-dir", str(tmp_path))
+    # 3 eval problems, 1 per generate call: rank 0 has 2 calls' worth, rank 1 one (they must not hang)
+    out = torchrun(2, "calibrl.py", *E2E, "--eval-every", "1", "--eval-max-prompts", "3", "--rollout-batch-prompts", "1",
+                   "--output-dir", str(tmp_path))
     assert "world 2" in out and "step 2/2" in out
     lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
     assert [l["step"] for l in lines if "train/reward" in l] == [1, 2]
