@@ -334,7 +334,7 @@ def to_example(row, args, base_dir):
     if answer is None and isinstance(row.get("reward_model"), dict):  # verl's format
         answer = row["reward_model"].get("ground_truth")
     if not isinstance(answer, (str, int, float)) or isinstance(answer, bool) or str(answer).strip() == "":
-        raise BadRow(args.answer_key, f"missing or empty (nor reward_model.ground_truth)")
+        raise BadRow(args.answer_key, "missing or empty (nor reward_model.ground_truth)")
     solution = row.get(args.solution_key)
     if isinstance(solution, (list, tuple)):
         solution = solution[0] if solution else None
@@ -723,7 +723,7 @@ def update(policy, opt, sched, encs, groups, args, device, pad_id, world):
                 T = max(len(r["resp"]) for r in chunk)
                 mask = pad_rows([torch.ones(len(r["resp"])) for r in chunk], T).to(device)  # (B, T)
                 old = pad_rows([r["old_logp"] for r in chunk], T).to(device)              # (B, T)
-                base = pad_rows([torch.cat([r["base"], torch.zeros(T)]) for r in chunk], T).to(device)
+                base = pad_rows([r["base"] for r in chunk], T).to(device)                 # (B, T) l^E, 0 past the expert
                 adv = torch.tensor([r["adv"] for r in chunk], device=device)               # (B,)
                 passed = torch.tensor([r["passed"] for r in chunk], device=device)
                 is_exp = torch.tensor([r["expert"] for r in chunk], device=device)
