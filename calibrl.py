@@ -55,6 +55,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+if not torch.cuda.is_available():  # the fused kernels run in Triton's interpreter on a CPU; this must be
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # set before anything imports triton (transformers may)
+
 # -----------------------------------------------------------------------------
 # Configuration: one block; every field is a --flag, its help string is the docstring.
 
@@ -209,9 +212,23 @@ def gathered(policy):
 # -----------------------------------------------------------------------------
 # Model and processor: transformers auto classes; VLMs get images, text-only LMs get text.
 
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA_DIR = os.path.join(HERE, "data")
 DEMO_MODEL = os.path.join(DATA_DIR, "tiny-qwen2.5-vl")
 DEMO_TRAIN, DEMO_VAL = os.path.join(DATA_DIR, "demo", "train.jsonl"), os.path.join(DATA_DIR, "demo", "val.jsonl")
+
+def fused_ops():
+    """kernels/fused_calibrl.py, loaded by its path under a name of its own. kernels/ is no package on
+    purpose: an installed distribution named `kernels` (Hugging Face's, which transformers imports when
+    present) must never be shadowed by this folder, nor shadow it."""
+    name = "calibrl_fused_kernels"
+    if name not in sys.modules:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, "kernels", "fused_calibrl.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # before exec: the module must be importable by name while it runs
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 def load_processor(path, config):
     import transformers
@@ -576,7 +593,7 @@ def response_logprobs(policy, encs, resps, args, device, pad_id):
     batch, L = collate(encs, resps, pad_id, device)
     def head_fn(hidden, targets, weight):                                        # (B, T, H), (B, T), (V, H)
         if args.fused_on:
-            from kernels import fused_logprobs
+            fused_logprobs = fused_ops().fused_logprobs
             B, T, H = hidden.shape
             logp, ent = fused_logprobs(hidden.reshape(B * T, H), weight, targets.reshape(-1), args.temperature)
             return logp.view(B, T), ent.view(B, T)
@@ -732,8 +749,7 @@ def update(policy, opt, sched, encs, groups, args, device, pad_id, world):
                           alpha=args.alpha, lam=args.lam, num_tokens=max(num_tokens, 1.0))
                 def head_fn(hidden, targets, weight):                            # (B, T, H), (B, T), (V, H)
                     if args.fused_on:
-                        from kernels import fused_policy_loss
-                        return fused_policy_loss(hidden, weight, targets, old, mask, advantages=adv,
+                        return fused_ops().fused_policy_loss(hidden, weight, targets, old, mask, advantages=adv,
                                                  temperature=args.temperature, **kw)
                     logp, _ = token_logprobs(hidden @ weight.T, targets, args.temperature)  # (B, T)
                     return policy_loss(logp, old, adv, mask, **kw)

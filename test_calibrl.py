@@ -15,7 +15,8 @@ if not torch.cuda.is_available():
 
 import calibrl
 from calibrl import group_advantages, policy_loss, reward_fn
-from kernels import fused_calibrl, fused_logprobs, fused_policy_loss
+fused_calibrl = calibrl.fused_ops()  # kernels/fused_calibrl.py, loaded by path (kernels/ is no package)
+fused_logprobs, fused_policy_loss = fused_calibrl.fused_logprobs, fused_calibrl.fused_policy_loss
 
 D = torch.float64
 
@@ -794,6 +795,42 @@ def test_fused_training_step_matches_the_readable_path(tmp_path):
         assert abs(m_on[k] - m_off[k]) <= 1e-5 * max(1.0, abs(m_off[k])), (k, m_on[k], m_off[k])
     # (parameters are not compared: Adam's first step is lr * sign(g) wherever |g| >> eps, so fp32 noise
     # on near-zero gradient elements flips whole lr-sized steps; the gradient norm above is the check)
+
+FAKE_HF_KERNELS = '''
+"""Stand-in for Hugging Face's `kernels` 0.18.x: the names transformers imports from it."""
+import contextlib, enum
+import triton  # noqa: F401  (like the real one: transformers then imports triton early)
+class Mode(enum.Flag):
+    INFERENCE, TRAINING, TORCH_COMPILE, FALLBACK = 1, 2, 4, 8
+class _Spec:
+    def __init__(self, *args, **kwargs):
+        pass
+CUDAProperties = ROCMProperties = Device = LayerRepository = LocalLayerRepository = KernelizeFallback = _Spec
+def _decorator(*args, **kwargs):
+    return lambda obj: obj
+use_kernel_forward_from_hub = use_kernelized_func = replace_kernel_forward_from_hub = _decorator
+register_kernel_mapping = lambda *args, **kwargs: None
+use_kernel_mapping = lambda *args, **kwargs: contextlib.nullcontext()
+kernelize = lambda model, *args, **kwargs: model
+def get_kernel(*args, **kwargs):
+    raise OSError("stand-in: no hub")
+'''
+
+def test_an_installed_kernels_distribution_is_not_shadowed(tmp_path):
+    """transformers imports an installed `kernels` (versions 0.18.2 to 0.19) by name; calibrl's own
+    kernels/ folder must neither hide it nor be hidden by it, with the fused op on (interpreter)."""
+    site = tmp_path / "site"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text(FAKE_HF_KERNELS)
+    (site / "kernels-0.18.5.dist-info").mkdir()
+    (site / "kernels-0.18.5.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 0.18.5\n")
+    env = {**ENV, "PYTHONPATH": str(site)}
+    env.pop("TRITON_INTERPRET", None)  # calibrl.py itself must switch the interpreter on, early enough
+    p = subprocess.run([sys.executable, "calibrl.py", *E2E[:1], "1", *E2E[2:], "--fused", "on",
+                        "--output-dir", str(tmp_path / "o")], cwd=HERE, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "fused True" in p.stdout and sorted(run_metrics(str(tmp_path / "o"))) == [1]
 
 def test_fused_under_torchrun(tmp_path):
     out = torchrun(2, "calibrl.py", *E2E[:1], "1", *E2E[2:], "--fused", "on", "--output-dir", str(tmp_path))

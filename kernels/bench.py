@@ -29,8 +29,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import calibrl  # noqa: E402
-from kernels import fused_policy_loss  # noqa: E402  (sets TRITON_INTERPRET=1 without CUDA)
+import calibrl  # noqa: E402  (sets TRITON_INTERPRET=1 without CUDA, before triton is imported)
+fused = calibrl.fused_ops()  # kernels/fused_calibrl.py, loaded by path (kernels/ is no package)
+fused_policy_loss = fused.fused_policy_loss
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -47,8 +48,7 @@ def make_inputs(n, h, v, rows, dtype, seed=0):
     b = dict(targets=targets, mask=mask, advantages=adv, passed=adv > 0,
              expert_logp=-torch.rand(rows, T, device=DEV, generator=g) * 5)
     with torch.no_grad():   # pi_old from the fused forward: the ratio starts at 1, as in training
-        from kernels import fused_logprobs
-        b["old_logp"] = fused_logprobs(hidden.view(-1, h), weight, targets.view(-1))[0].view(rows, T)
+        b["old_logp"] = fused.fused_logprobs(hidden.view(-1, h), weight, targets.view(-1))[0].view(rows, T)
     return hidden, weight, b
 
 
