@@ -266,8 +266,23 @@ def load_model(path, dtype, device):
     im_end = tok.convert_tokens_to_ids("<|im_end|>")  # generation stops at the end of the turn
     tok.eos_id = im_end if isinstance(im_end, int) and im_end != tok.unk_token_id else tok.eos_token_id
     tok.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_id
-    extra = model.generation_config.eos_token_id  # e.g. Qwen's <|endoftext|> also ends a response
+    shipped = model.generation_config
+    extra = shipped.eos_token_id  # e.g. Qwen's <|endoftext|> also ends a response
     tok.stop_ids = sorted({tok.eos_id, *(extra if isinstance(extra, list) else [extra] if extra is not None else [])})
+    # Untrained models sample <|image_pad|> and the like, which the next forward cannot take; these ids are
+    # suppressed at sampling AND in every log-prob (token_logprobs), so pi_old is the sampler's distribution.
+    cfg = model.config
+    tok.suppress_ids = sorted({i for i in (getattr(cfg, k, None) for k in (
+        "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "vision_token_id"))
+        if isinstance(i, int)})
+    # generate() fills every field our GenerationConfig leaves unset from the model folder's own
+    # generation_config.json (Qwen2.5-VL-Instruct: repetition_penalty 1.05, top_k 1, top_p 0.001,
+    # temperature 0.1): rollouts would no longer come from softmax(logits / T). Keep only the token ids;
+    # checkpoints write the shipped file back (save_checkpoint).
+    from transformers import GenerationConfig
+    model.generation_config = GenerationConfig(bos_token_id=shipped.bos_token_id, eos_token_id=tok.stop_ids,
+                                               pad_token_id=tok.pad_id)
+    model.shipped_generation_config = shipped
     return model, processor, tok, is_vlm
 
 # -----------------------------------------------------------------------------
@@ -537,18 +552,21 @@ def collate(encs, responses, pad_id, device):
         batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in encs if "image_grid_thw" in e])
     return {k: v.to(device) for k, v in batch.items()}, L
 
+def sampling_config(args, tok, n, greedy=False):
+    """The sampler: softmax(logits / T) over all ids but tok.suppress_ids (top-p if < 1), or greedy.
+    Every field that shapes the distribution is set here (load_model cleared the model's defaults);
+    top_k=0 switches transformers' default top-k of 50 off."""
+    from transformers import GenerationConfig
+    return GenerationConfig(do_sample=not greedy, temperature=None if greedy else args.temperature,
+                            top_p=None if greedy else args.top_p, top_k=None if greedy else 0,
+                            repetition_penalty=1.0, max_new_tokens=args.max_response_length,
+                            num_return_sequences=n, eos_token_id=tok.stop_ids, pad_token_id=tok.pad_id,
+                            suppress_tokens=tok.suppress_ids or None)
+
 @torch.no_grad()
 def generate(policy, tok, encs, n, args, device, greedy=False):
     """n responses per prompt -> list (len(encs) * n) of (T_i,) LongTensors ending in eos unless truncated."""
-    from transformers import GenerationConfig
-    cfg = policy.model.config
-    vision_ids = [getattr(cfg, k, None) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
-                                                   "vision_end_token_id", "vision_token_id")]
-    gen = GenerationConfig(do_sample=not greedy, temperature=args.temperature if not greedy else None,
-                           top_p=args.top_p if not greedy else None, top_k=0 if not greedy else None,
-                           max_new_tokens=args.max_response_length, num_return_sequences=n,
-                           eos_token_id=tok.stop_ids, pad_token_id=tok.pad_id,
-                           suppress_tokens=[i for i in vision_ids if i is not None] or None)  # untrained models sample <|image_pad|>
+    gen = sampling_config(args, tok, n, greedy)
     out = []
     for i in range(0, len(encs), args.rollout_batch_prompts):
         batch, L = collate(encs[i:i + args.rollout_batch_prompts], None, tok.pad_id, device)
@@ -579,10 +597,15 @@ def rollout(policy, tok, examples, encs, args, device):
 # -----------------------------------------------------------------------------
 # Log-probs: one function scores response tokens for pi_old, the expert baseline and the update.
 
-def token_logprobs(logits, targets, temperature=1.0):
+def token_logprobs(logits, targets, temperature=1.0, suppress_ids=None):
     """Readable reference (the fused kernel is tested against it).
-    logits (..., V) any float dtype, targets (...) -> fp32 log pi(target) and entropy, both (...)."""
-    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)           # (..., V) fp32
+    logits (..., V) any float dtype, targets (...) -> fp32 log pi(target) and entropy, both (...).
+    suppress_ids: ids the sampler never produces; their logits count as -inf (a large finite
+    negative, so that p * log p stays 0 there)."""
+    logits = logits.float() / temperature                                        # (..., V) fp32
+    if suppress_ids:
+        logits = logits.index_fill(-1, torch.as_tensor(suppress_ids, device=logits.device), -1e30)
+    logp_all = torch.log_softmax(logits, dim=-1)                                 # (..., V)
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)                # (...)
     entropy = -(logp_all.exp() * logp_all).sum(-1)                               # (...)
     return logp, entropy
@@ -597,7 +620,7 @@ def response_logprobs(policy, encs, resps, args, device, pad_id):
             B, T, H = hidden.shape
             logp, ent = fused_logprobs(hidden.reshape(B * T, H), weight, targets.reshape(-1), args.temperature)
             return logp.view(B, T), ent.view(B, T)
-        return token_logprobs(hidden @ weight.T, targets, args.temperature)     # (B, T, V) logits
+        return token_logprobs(hidden @ weight.T, targets, args.temperature, args.suppress_ids)  # (B, T, V)
     return policy(head_forward, batch, L, head_fn)
 
 # -----------------------------------------------------------------------------
@@ -751,7 +774,7 @@ def update(policy, opt, sched, encs, groups, args, device, pad_id, world):
                     if args.fused_on:
                         return fused_ops().fused_policy_loss(hidden, weight, targets, old, mask, advantages=adv,
                                                  temperature=args.temperature, **kw)
-                    logp, _ = token_logprobs(hidden @ weight.T, targets, args.temperature)  # (B, T)
+                    logp, _ = token_logprobs(hidden @ weight.T, targets, args.temperature, args.suppress_ids)
                     return policy_loss(logp, old, adv, mask, **kw)
                 batch, L = collate([encs[r["prompt"]] for r in chunk], [r["resp"] for r in chunk], pad_id, device)
                 loss, m = policy(head_forward, batch, L, head_fn)
@@ -881,6 +904,7 @@ def save_checkpoint(policy, processor, opt, sched, stream, step, out_dir, rank):
     full = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         policy.model.save_pretrained(tmp, state_dict=full)
+        policy.model.shipped_generation_config.save_pretrained(tmp)  # the model folder's, not the sampler's
         processor.save_pretrained(tmp)
         with open(os.path.join(tmp, "trainer.json"), "w") as f:
             json.dump(dict(step=step, epoch=stream.epoch, pos=stream.pos, sched=sched.state_dict()), f)
@@ -943,6 +967,7 @@ def main(argv=None):
     # under FSDP the parameters are fp32 master weights and compute runs in `dtype`
     distributed = torch.distributed.is_initialized()
     model, processor, tok, is_vlm = load_model(model_path, torch.float32 if distributed else dtype, device)
+    args.suppress_ids = tok.suppress_ids
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = Policy(model)

@@ -304,6 +304,57 @@ def test_data_forms(tmp_path, demo):
     assert exs[0]["messages"][0]["content"][-1]["text"] == "Q1? " + calibrl.INSTRUCTION
     assert calibrl.open_image(exs[0]["images"][0]).size == (28, 28)
 
+def dirty_model_copy(tmp_path):
+    """The tiny model with the sampling defaults Qwen2.5-VL-Instruct ships in generation_config.json."""
+    import shutil
+    path = tmp_path / "dirty"
+    shutil.copytree(calibrl.DEMO_MODEL, path)
+    cfg = json.loads((path / "generation_config.json").read_text())
+    cfg.update(repetition_penalty=1.05, top_k=1, top_p=0.001, temperature=0.1, do_sample=True, min_p=0.5,
+               no_repeat_ngram_size=2)
+    (path / "generation_config.json").write_text(json.dumps(cfg))
+    return str(path)
+
+def test_sampling_ignores_the_model_folders_generation_config(tmp_path, demo):
+    """Rollouts and evaluation sample from softmax(logits / T) whatever generation_config.json holds."""
+    model, proc, tok, is_vlm = demo
+    dirty = calibrl.load_model(dirty_model_copy(tmp_path), torch.float32, torch.device("cpu"))
+    args = calibrl.parse_args([])
+    exs = calibrl.load_examples(calibrl.DEMO_TRAIN, args, proc, tok, is_vlm)[:3]
+    args.max_response_length = 12
+    encs = [calibrl.encode_prompt(proc, ex, is_vlm) for ex in exs]
+    for greedy in (False, True):
+        outs = []
+        for m in (model, dirty[0]):
+            torch.manual_seed(0)
+            outs.append(calibrl.generate(calibrl.Policy(m), tok, encs, 1 if greedy else 4, args,
+                                         torch.device("cpu"), greedy))
+        assert [o.tolist() for o in outs[0]] == [o.tolist() for o in outs[1]], f"greedy={greedy}"
+    # the processed scores of every sampled step are exactly logits / T, -inf only at the suppressed ids
+    args.temperature = 0.7
+    batch, _ = calibrl.collate(encs, None, tok.pad_id, torch.device("cpu"))
+    torch.manual_seed(1)
+    out = dirty[0].generate(**batch, generation_config=calibrl.sampling_config(args, dirty[2], 2),
+                            return_dict_in_generate=True, output_scores=True, output_logits=True)
+    assert len(out.scores) > 1 and dirty[2].suppress_ids
+    for scores, logits in zip(out.scores, out.logits):
+        want = logits / 0.7
+        want[:, dirty[2].suppress_ids] = -math.inf
+        assert torch.equal(scores, want)
+    # the exported checkpoint keeps the shipped defaults; the sampler does not use them
+    assert dirty[0].generation_config.repetition_penalty is None
+    assert dirty[0].shipped_generation_config.repetition_penalty == 1.05
+
+def test_log_probs_score_the_samplers_distribution():
+    """pi_old, l^E and the update exclude the ids the sampler suppresses (their logits are -inf)."""
+    g = torch.Generator().manual_seed(0)
+    logits, tgt = torch.randn(2, 3, 9, generator=g, dtype=D), torch.randint(0, 6, (2, 3), generator=g)
+    tgt[0, 0] = 7  # id 7 stays; 6 and 8 go
+    logp, ent = calibrl.token_logprobs(logits, tgt, 0.8, suppress_ids=[6, 8])
+    keep = torch.log_softmax(torch.cat([logits[..., :6], logits[..., 7:8]], -1) / 0.8, -1)  # ids 0-5, 7
+    close(logp, keep.gather(-1, tgt.clamp(max=6)[..., None])[..., 0], 1e-6, "log pi over the kept ids")
+    close(ent, -(keep.exp() * keep).sum(-1), 1e-6, "entropy over the kept ids")
+
 def test_prompt_stream_cycles_and_reshuffles():
     s = calibrl.PromptStream(5, seed=0)
     first = s.take(3) + s.take(3) + s.take(4)   # 10 = two epochs of 5
