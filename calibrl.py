@@ -103,7 +103,7 @@ class Args:
     clip_c: float = arg(3.0, "dual-clip constant c for A < 0")
     alpha: float = arg(0.5, "LeakyReLU negative slope of the guided term")
     lam: float = arg(0.1, "weight lambda of the guided term")
-    std_normalize: bool = arg(False, "divide advantages by the group's std + 1e-6")
+    std_normalize: bool = arg(False, "divide advantages by the group's std + 1e-6 (not a uniform group's)")
     mixup: str = arg("random", "which groups keep their expert row (LUFFY, RL-PLUS)", ["random", "pass"])
     mixup_ratio: float = arg(1.0, "mixup random: probability that a group keeps its expert row")
     mixup_pass_min: float = arg(0.0, "mixup pass: keep the expert if the group's pass rate >= this")
@@ -630,17 +630,21 @@ def group_advantages(rewards, group_size, std_normalize=False, eps=1e-6, expert_
     """rewards (P*G,) on-policy rows only, contiguous groups -> A (P*G,);
     with expert_rewards (P,) also A_E = r_E - mu (P,), used by LUFFY and RL-PLUS."""
     r = rewards.view(-1, group_size)                                             # (P, G)
-    mu = r.mean(1, keepdim=True)                                                 # (P, 1)
-    adv = r - mu
+    # mu = r_1 + mean(r - r_1): exact for a uniform group (A = 0 exactly, A_E = r_E - r exactly),
+    # where r.mean() can round (eight rewards of 0.1 would give A = -7.45e-9 in float32)
+    d = r - r[:, :1]                                                             # (P, G)
+    mu = r[:, :1] + d.mean(1, keepdim=True)                                      # (P, 1)
+    adv = d - d.mean(1, keepdim=True)
     scale = torch.ones_like(mu)
-    if std_normalize and group_size > 1:
-        scale = r.std(1, keepdim=True) + eps                                     # unbiased std
+    if std_normalize and group_size > 1:  # unbiased std; a group with no spread is left unscaled
+        std = d.std(1, keepdim=True)
+        scale = torch.where(std > 0, std + eps, torch.ones_like(std))
     if group_size == 1:  # decision 5: a lone rollout has no baseline to beat
         adv = torch.zeros_like(adv)
     adv = (adv / scale).reshape(-1)
     if expert_rewards is None:
         return adv
-    return adv, ((expert_rewards.view(-1, 1) - mu) / scale).view(-1)
+    return adv, ((expert_rewards.view(-1, 1) - mu) / scale).view(-1)  # A_E = r_E - mu
 
 # -----------------------------------------------------------------------------
 # Loss (Eq. C) and the baselines, per token, token-mean over the counted rows.
@@ -728,8 +732,8 @@ def attach_advantages(rows, args):
     groups = [rows[i:j] for i, j in group_bounds(rows)]
     for grp in groups:
         on, exp = grp[:G], (grp[G] if len(grp) > G else None)
-        r_on = torch.tensor([r["reward"] for r in on])
-        r_exp = torch.tensor([exp["reward"] if exp else 0.0])
+        r_on = torch.tensor([r["reward"] for r in on], dtype=torch.float64)
+        r_exp = torch.tensor([exp["reward"] if exp else 0.0], dtype=torch.float64)
         adv, adv_e = group_advantages(r_on, G, args.std_normalize, expert_rewards=r_exp)
         for r, a in zip(on, adv.tolist()):
             r["adv"], r["passed"] = a, r["acc"] == 1.0           # passed from accuracy, never from a float reward

@@ -215,6 +215,17 @@ def test_group_advantages_std_and_singletons():
     close(a[3:], [0, 0, 0], 0, "uniform group")
     close(group_advantages(r, 1), torch.zeros(6), 0, "groups of one (decision 5)")
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("std", [False, True])
+def test_a_uniform_group_has_exactly_zero_advantage(dtype, std):
+    """Eight well-formatted wrong answers (0.1 each), ten of 1.1, three of 1.0: A = 0 exactly, so the rows
+    are skipped as zero-advantage rows, and A_E = r_E - r exactly (no rounding residue divided by a tiny std)."""
+    for value, G in ((0.1, 8), (1.1, 10), (1.0, 3)):
+        r = torch.full((2 * G,), value, dtype=dtype)
+        adv, adv_e = group_advantages(r, G, std, expert_rewards=torch.tensor([1.1, 0.0], dtype=dtype))
+        assert torch.equal(adv, torch.zeros_like(adv)), (value, adv)
+        assert torch.equal(adv_e, torch.tensor([1.1, 0.0], dtype=dtype) - value), (value, adv_e)
+
 def test_token_logprobs_reference():
     g = torch.Generator().manual_seed(0)
     logits, tgt = torch.randn(3, 4, 11, generator=g), torch.randint(0, 11, (3, 4), generator=g)
