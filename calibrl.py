@@ -109,7 +109,8 @@ class Args:
     mixup_pass_min: float = arg(0.0, "mixup pass: keep the expert if the group's pass rate >= this")
     mixup_pass_max: float = arg(0.5, "mixup pass: ... and <= this")
     solution_key: str = arg("solution", "row field holding the expert solution")
-    answer_key: str = arg("answer", "row field holding the ground truth (else reward_model.ground_truth)")
+    answer_key: str = arg(None, "row field holding the ground truth; default: reward_model.ground_truth "
+                                "(verl's, as the official reward reads), else answer")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward")
     dtype: str = arg("auto", "compute dtype; auto: bf16 on GPU, fp32 on CPU", ["auto", "float32", "bfloat16", "float16"])
     fused: str = arg("auto", "the fused Triton log-prob/loss op; auto: on with CUDA", ["auto", "on", "off"])
@@ -352,7 +353,9 @@ def to_example(row, args, base_dir):
         user = next(m for m in messages if m["role"] == "user")
         user["content"] = [{"type": "image"} for _ in images] + user["content"]
     texts = [p for m in messages if m["role"] == "user" for p in m["content"] if p.get("type") == "text"]
-    if texts and INSTRUCTION not in texts[-1]["text"]:  # spec: the instruction follows the question
+    squash = lambda text: re.sub(r"\s+", "", text)
+    given = squash("".join(p.get("text", "") for m in messages for p in m["content"]))
+    if texts and squash(INSTRUCTION) not in given:  # spec: the instruction follows the question, once
         texts[-1]["text"] = texts[-1]["text"].rstrip() + " " + INSTRUCTION
     refs = []
     for k, im in enumerate(images):
@@ -362,11 +365,14 @@ def to_example(row, args, base_dir):
             refs.append({"path": os.path.join(base_dir, im if isinstance(im, str) else im["path"])})
         else:
             raise BadRow(f"images[{k}]", "neither a path nor a {bytes} / {path} dict")
-    answer = row.get(args.answer_key)
-    if answer is None and isinstance(row.get("reward_model"), dict):  # verl's format
-        answer = row["reward_model"].get("ground_truth")
+    answer, key = row.get(args.answer_key), args.answer_key
+    if args.answer_key is None:  # verl's field wins over `answer`: the official reward reads only it
+        verl = row.get("reward_model")
+        answer, key = (verl.get("ground_truth"), "reward_model.ground_truth") if isinstance(verl, dict) else (None, "")
+        if answer is None:
+            answer, key = row.get("answer"), "answer"
     if not isinstance(answer, (str, int, float)) or isinstance(answer, bool) or str(answer).strip() == "":
-        raise BadRow(args.answer_key, "missing or empty (nor reward_model.ground_truth)")
+        raise BadRow(key or "answer", "missing or empty (neither reward_model.ground_truth nor answer)")
     solution = row.get(args.solution_key)
     if isinstance(solution, (list, tuple)):
         solution = solution[0] if solution else None
@@ -383,14 +389,17 @@ def open_image(ref):
     im = Image.open(io.BytesIO(ref["bytes"]) if ref.get("bytes") is not None else ref["path"])
     return im.convert("RGB")
 
-def load_examples(path, args, processor, tok, is_vlm, say=print):
+def load_examples(path, args, processor, tok, is_vlm, say=print, train=True):
     """Read and check every row before the first step: with bad rows, one message naming the file,
-    each row and field, then exit 1 (nothing has run yet); with --skip-bad-rows, train on the rest."""
+    each row and field, then exit 1 (nothing has run yet); with --skip-bad-rows, train on the rest.
+    The expert's rules (a solution under LUFFY / RL-PLUS, its length) apply to training rows only."""
     base, good, bad, no_expert = os.path.dirname(os.path.abspath(path)), [], [], 0
     for n, row in read_rows(path):
         try:
             if isinstance(row, BadRow):
                 raise row
+            if not train and isinstance(row, dict):  # validation rows have no expert
+                row = {**row, args.solution_key: None}
             ex = to_example(row, args, base)
             if ex["images"] and not is_vlm:
                 raise BadRow("images", "the model is text-only and takes no images")
@@ -402,7 +411,7 @@ def load_examples(path, args, processor, tok, is_vlm, say=print):
             n_prompt = encode_prompt(processor, ex, is_vlm)["input_ids"].shape[1]
             if n_prompt > args.max_prompt_length:
                 raise BadRow("prompt", f"{n_prompt} tokens > --max-prompt-length {args.max_prompt_length}")
-            if ex["solution"] is None and args.algo in ("luffy", "rlplus"):
+            if train and ex["solution"] is None and args.algo in ("luffy", "rlplus"):
                 raise BadRow(args.solution_key, f"missing: --algo {args.algo} needs an expert solution")
             if ex["solution"] is not None:
                 n_sol = len(tok(ex["solution"], add_special_tokens=False)["input_ids"]) + 1
@@ -420,7 +429,7 @@ def load_examples(path, args, processor, tok, is_vlm, say=print):
         say(f"warning: {path}: skipped {len(bad)} bad rows of {len(bad) + len(good)}:\n  " + "\n  ".join(bad[:20]))
     if not good:
         raise SystemExit(f"error: data file {path}: no usable rows")
-    if no_expert and args.algo == "calibrl":  # spec decision 3: l^E = 0 for these prompts
+    if train and no_expert and args.algo == "calibrl":  # spec decision 3: l^E = 0 for these prompts
         say(f"warning: {path}: {no_expert} of {len(good)} rows have no expert solution (l^E = 0 for them)")
     return good
 
@@ -978,7 +987,7 @@ def main(argv=None):
     if distributed:
         shard(policy, dtype, device)
     rollout_ctx = (lambda: gathered(policy)) if distributed else contextlib.nullcontext
-    eval_set = load_examples(args.eval_data, args, processor, tok, is_vlm, say) if args.eval_data else []
+    eval_set = load_examples(args.eval_data, args, processor, tok, is_vlm, say, train=False) if args.eval_data else []
     run_eval = lambda: reduce_stats(evaluate(policy, tok, processor, eval_set, args, device, is_vlm, rank, world, rollout_ctx))
 
     out_dir = args.output_dir or os.path.join("runs", f"{args.algo}-{time.strftime('%Y%m%d-%H%M%S')}")

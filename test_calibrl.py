@@ -315,6 +315,24 @@ def test_data_forms(tmp_path, demo):
     assert exs[0]["messages"][0]["content"][-1]["text"] == "Q1? " + calibrl.INSTRUCTION
     assert calibrl.open_image(exs[0]["images"][0]).size == (28, 28)
 
+def test_instruction_once_and_the_verl_ground_truth_wins(tmp_path, demo):
+    """The instruction is not appended again when any message (the system one too) holds it, whitespace
+    aside; with both `answer` and reward_model.ground_truth, the ground truth is verl's (the official reward
+    reads only it)."""
+    loose = "  ".join(calibrl.INSTRUCTION.split(" "))            # the same words, other whitespace
+    rows = [{"prompt": [{"role": "system", "content": calibrl.INSTRUCTION}, {"role": "user", "content": "Q1?"}],
+             "answer": "1", "reward_model": {"ground_truth": "2"}},
+            {"prompt": [{"role": "user", "content": "Q2?\n" + loose}], "answer": "3"},
+            {"prompt": [{"role": "user", "content": "Q3?"}], "reward_model": {"ground_truth": 4}}]
+    exs = calibrl.load_examples(write_jsonl(tmp_path / "d.jsonl", rows), calibrl.parse_args([]), *demo[1:])
+    texts = ["".join(p.get("text", "") for m in e["messages"] for p in m["content"]) for e in exs]
+    assert texts[0] == calibrl.INSTRUCTION + "Q1?" and texts[1] == "Q2?\n" + loose
+    assert texts[2] == "Q3? " + calibrl.INSTRUCTION
+    assert [e["answer"] for e in exs] == ["2", "3", "4"]
+    mine = calibrl.load_examples(write_jsonl(tmp_path / "e.jsonl", rows[:2]),
+                                 calibrl.parse_args(["--answer-key", "answer"]), *demo[1:])
+    assert [e["answer"] for e in mine] == ["1", "3"]  # a key given explicitly is the one read
+
 def dirty_model_copy(tmp_path):
     """The tiny model with the sampling defaults Qwen2.5-VL-Instruct ships in generation_config.json."""
     import shutil
@@ -601,6 +619,20 @@ def test_bad_data_from_the_command_line_exits_1_without_traceback(tmp_path):
                        cwd=HERE, env=ENV, capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert f"error: data file {path}" in p.stderr and "row 2, field 'images[0]'" in p.stderr
+
+def test_validation_rows_need_no_expert(tmp_path, capsys):
+    """--algo luffy / rlplus with an --eval-data file without solutions (or with long or odd ones) trains:
+    the expert's rules apply to training rows only, and eval rows draw no 'no expert' warning."""
+    rows = demo_rows(3)
+    rows[0].pop("solution")
+    rows[1]["solution"] = "<think>" + "long " * 400 + "</think><answer>5</answer>"
+    rows[2]["solution"] = 7
+    val = write_jsonl(tmp_path / "val.jsonl", rows)
+    for algo in ("luffy", "calibrl"):
+        out = calibrl.main(E2E[:1] + ["1"] + E2E[2:] + ["--algo", algo, "--eval-data", val, "--eval-every", "1",
+                                                      "--eval-samples", "1", "--output-dir", str(tmp_path / algo)])
+        assert "eval/accuracy" in json.loads(open(os.path.join(out, "metrics.jsonl")).readlines()[-1])
+    assert "no expert" not in capsys.readouterr().out
 
 def test_skip_bad_rows_trains_on_the_rest(tmp_path, capsys):
     path = write_jsonl(tmp_path / "t.jsonl", [bad(answer=None), "{oops"] + demo_rows(2) + [bad(images=5)])
