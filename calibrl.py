@@ -71,7 +71,9 @@ class Args:
     eval_data: str = arg(None, "validation data (same schema); default with the demo: its val split")
     algo: str = arg("calibrl", "the objective: CalibRL or one of the paper's baselines", ["calibrl", "grpo", "luffy", "rlplus"])
     preset: str = arg(None, "default: demo without --model, paper with it", ["demo", "paper"])
-    steps: int = arg(60, "training steps (one step = rollout + log-probs + update)")
+    steps: int = arg(60, "training steps (one step = rollout + log-probs + update); --preset paper: "
+                         "one epoch over --data, as the official run")
+    shuffle: bool = arg(True, "reshuffle the data each epoch with --seed (--no-shuffle: file order)")
     output_dir: str = arg(None, "run folder; default runs/<algo>-<timestamp>")
     resume: bool = arg(False, "continue from the newest complete checkpoint in --output-dir")
     overwrite: bool = arg(False, "start afresh in an --output-dir that holds another run's checkpoints")
@@ -107,7 +109,7 @@ class Args:
     mixup: str = arg("random", "which groups keep their expert row (LUFFY, RL-PLUS)", ["random", "pass"])
     mixup_ratio: float = arg(1.0, "mixup random: probability that a group keeps its expert row")
     mixup_pass_min: float = arg(0.0, "mixup pass: keep the expert if the group's pass rate >= this")
-    mixup_pass_max: float = arg(0.5, "mixup pass: ... and <= this")
+    mixup_pass_max: float = arg(1.0, "mixup pass: ... and <= this")
     solution_key: str = arg("solution", "row field holding the expert solution")
     answer_key: str = arg(None, "row field holding the ground truth; default: reward_model.ground_truth "
                                 "(verl's, as the official reward reads), else answer")
@@ -117,12 +119,13 @@ class Args:
     tensorboard: bool = arg(False, "also write TensorBoard events to --output-dir")
 
 PRESETS = {
-    # Official recipe (spec: "Training step"); steps is ours: the spec does not record a total.
+    # Official recipe (spec: "Training step"; the official 7B script: total_epochs=1, data.shuffle=False,
+    # drop_last, test_freq=5, save_freq=10): steps=None is one epoch over the data in file order.
     "paper": dict(group_size=10, prompts_per_step=480, mini_batch_prompts=120, micro_batch_size=8,
                   rollout_batch_prompts=16, lr=1e-6, weight_decay=0.01, max_grad_norm=1.0,
                   temperature=1.0, top_p=1.0, max_prompt_length=20480, max_response_length=4096,
-                  clip_low=0.2, clip_high=0.2, clip_c=3.0, alpha=0.5, lam=0.1, steps=100,
-                  save_every=20, eval_every=10, gradient_checkpointing=True),
+                  clip_low=0.2, clip_high=0.2, clip_c=3.0, alpha=0.5, lam=0.1, steps=None,
+                  shuffle=False, save_every=10, eval_every=5, gradient_checkpointing=True),
     # Sized for 2 CPU cores and the tiny model (the dataclass defaults are this preset).
     "demo": {},
 }
@@ -130,11 +133,11 @@ PRESETS = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="[defaults] are the demo preset's; --preset paper sets: " +
-                                ", ".join(f"{k}={v}" for k, v in PRESETS["paper"].items()))
+                                ", ".join(f"{k}={'one epoch' if v is None else v}" for k, v in PRESETS["paper"].items()))
     for f in dataclasses.fields(Args):
         name, m = "--" + f.name.replace("_", "-"), f.metadata
-        if f.type is bool:
-            p.add_argument(name, action="store_true", default=argparse.SUPPRESS, help=m["help"])
+        if f.type is bool:  # --flag / --no-flag: either can override a preset
+            p.add_argument(name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=m["help"])
         else:
             p.add_argument(name, type=f.type, choices=m["choices"], default=argparse.SUPPRESS, help=f"{m['help']} [{f.default}]")
     given = vars(p.parse_args(argv))  # only the flags the user typed
@@ -434,19 +437,19 @@ def load_examples(path, args, processor, tok, is_vlm, say=print, train=True):
     return good
 
 class PromptStream:
-    """Cycles through the data by epoch, reshuffled with the seed each epoch; state is (epoch, pos)."""
-    def __init__(self, n, seed):
-        self.n, self.seed, self.epoch, self.pos = n, seed, 0, 0
+    """Epochs over the data, reshuffled with the seed each epoch or in file order (shuffle=False, the
+    official run). A step never spans two epochs: an epoch's last partial batch is dropped, like verl's
+    drop_last, so one epoch is n // k steps. State: (epoch, pos)."""
+    def __init__(self, n, seed, shuffle=True):
+        self.n, self.seed, self.shuffle, self.epoch, self.pos = n, seed, shuffle, 0, 0
+
     def take(self, k):
-        out = []
-        while len(out) < k:  # a dataset smaller than one step is simply reused
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-            j = min(self.n - self.pos, k - len(out))
-            out += order[self.pos:self.pos + j].tolist()
-            self.pos += j
-            if self.pos == self.n:
-                self.epoch, self.pos = self.epoch + 1, 0
-        return out
+        if self.pos + k > self.n:  # what is left of this epoch is short of a step
+            self.epoch, self.pos = self.epoch + 1, 0
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+        self.pos += k
+        return order[self.pos - k:self.pos].tolist()
 
 # -----------------------------------------------------------------------------
 # Reward (official recipe): r = acc + 0.1 * fmt; a sample passed <=> acc == 1.
@@ -457,7 +460,7 @@ UNIT_RE = re.compile(r"(?<=\d)(?:cm²|cm|minutes|meters|a\.m\.|p\.m\.|\\%|%)")
 
 def normalize_answer(s):
     s = s.replace("dfrac", "frac")
-    s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"\\text\{([^}]*)\}", r"\1", s)  # as the official code: the first } closes \text{
     s = re.sub(r"\s+", "", s)
     s = s.replace("\\varnothing", "\\emptyset")
     s = UNIT_RE.sub("", s)  # units and percent signs that follow a number
@@ -467,10 +470,13 @@ def math_equal(pred, gt):
     from math_verify import parse, verify  # timeouts off: the Verifier below bounds each check
     wrap = lambda s: s if "\\boxed" in s else "\\boxed{" + s + "}"
     gold = parse(wrap(gt), parsing_timeout=None)
-    letter = str(gold[-1]).strip() if gold else ""
-    if len(letter) == 1 and letter in "ABCDEFGHIJK":  # multiple choice: compare the letter
-        return float(wrap(pred).split("\\boxed{", 1)[1].startswith(letter))
-    return float(verify(gold, parse(wrap(pred), parsing_timeout=None), timeout_seconds=None))
+    letters = str(gold[1]) if len(gold) > 1 else ""
+    if letters and letters in "ABCDEFGHIJK":  # multiple choice (official: a run of letters A-K)
+        return float(wrap(pred).split("\\boxed{", 1)[1].startswith(letters))  # departure 12
+    guess = parse(wrap(pred), parsing_timeout=None)
+    # the official argument order: the prediction in math-verify's `gold` slot (verify is asymmetric:
+    # official "x >= 1" vs "[1, oo)" scores 1, the reverse 0)
+    return float(bool(guess) and verify(guess, gold, timeout_seconds=None))
 
 def _verify_worker(conn, parent_end):
     import logging
@@ -820,7 +826,8 @@ def clip_grad_norm(model, max_norm):
 # -----------------------------------------------------------------------------
 # Evaluation: k samples at the training temperature + greedy, on a random stream of its own.
 
-EVAL_KEYS = ("eval/accuracy", "eval/pass@k", "eval/format", "eval/response_length", "eval/greedy_accuracy")
+EVAL_KEYS = ("eval/accuracy", "eval/pass@k", "eval/format", "eval/response_length", "eval/greedy_accuracy",
+             "eval/greedy_reward")
 
 @torch.no_grad()
 def evaluate(policy, tok, processor, examples, args, device, is_vlm, rank, world, rollout_ctx):
@@ -841,7 +848,9 @@ def evaluate(policy, tok, processor, examples, args, device, is_vlm, rank, world
                 add(stats, "eval/pass@k", float(any(a == 1.0 for a, _ in scores)))
                 add(stats, "eval/format", sum(f for _, f in scores) / k)
                 add(stats, "eval/response_length", sum(len(s) for s in sampled[p * k:(p + 1) * k]) / k)
-                add(stats, "eval/greedy_accuracy", reward_fn(tok.decode(greedy[p], skip_special_tokens=True), ex["answer"])[0])
+                acc, fmt = reward_fn(tok.decode(greedy[p], skip_special_tokens=True), ex["answer"])
+                add(stats, "eval/greedy_accuracy", acc)  # the official protocol: greedy, n = 1
+                add(stats, "eval/greedy_reward", acc + 0.1 * fmt)  # what the official run logs
     return stats
 
 # -----------------------------------------------------------------------------
@@ -1012,10 +1021,15 @@ def main(argv=None):
         return out_dir
 
     data = load_examples(args.data, args, processor, tok, is_vlm, say)
+    if len(data) < args.prompts_per_step:
+        raise SystemExit(f"error: data file {args.data}: {len(data)} usable rows, fewer than one step's "
+                         f"--prompts-per-step {args.prompts_per_step}")
+    if args.steps is None:  # one epoch, the last partial step dropped (the official run)
+        args.steps = logger.steps = len(data) // args.prompts_per_step
     # before any forward: after one, FSDP2's root holds unsharded parameters the optimizer must not keep
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
-    stream = PromptStream(len(data), args.seed)
+    stream = PromptStream(len(data), args.seed, args.shuffle)
     assert args.prompts_per_step % world == 0 and args.mini_batch_prompts % world == 0, \
         "--prompts-per-step and --mini-batch-prompts must be multiples of the number of ranks"
     start = 0

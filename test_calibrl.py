@@ -259,6 +259,16 @@ def test_token_logprobs_reference():
     ("<think>a</think><answer>5</answer><answer>7</answer>", "7", (0.0, 1.0)),   # the first match counts
     ("<think></think><answer>}}{{\\frac{</answer>", "5", (0.0, 1.0)),             # garbage
     ("", "5", (0.0, 0.0)),
+    # the official code's choices: math-verify's arguments in its order (the prediction first), a run of
+    # letters as a multiple-choice answer, \text{ closed by the first }
+    ("<think>x</think><answer>x \\ge 1</answer>", "[1, \\infty)", (1.0, 1.0)),
+    ("<think>x</think><answer>[1, \\infty)</answer>", "x \\ge 1", (0.0, 1.0)),
+    ("<think>x</think><answer>AB</answer>", "AB", (1.0, 1.0)),
+    ("<think>x</think><answer>A</answer>", "AB", (0.0, 1.0)),
+    ("<think>x</think><answer>\\text{a{b}}</answer>", "a{b}", (1.0, 1.0)),
+    # where calibrl departs (README): cm² is dropped, the letter is read after the first \boxed{
+    ("<think>x</think><answer>5 cm²</answer>", "5", (1.0, 1.0)),
+    ("<think>x</think><answer>so \\boxed{B}</answer>", "B", (1.0, 1.0)),
 ])
 def test_reward_rules(response, gt, want):
     assert reward_fn(response, gt) == want
@@ -384,12 +394,32 @@ def test_log_probs_score_the_samplers_distribution():
     close(logp, keep.gather(-1, tgt.clamp(max=6)[..., None])[..., 0], 1e-6, "log pi over the kept ids")
     close(ent, -(keep.exp() * keep).sum(-1), 1e-6, "entropy over the kept ids")
 
-def test_prompt_stream_cycles_and_reshuffles():
-    s = calibrl.PromptStream(5, seed=0)
-    first = s.take(3) + s.take(3) + s.take(4)   # 10 = two epochs of 5
-    assert sorted(first[:5]) == list(range(5)) and sorted(first[5:]) == list(range(5))
-    assert first[:5] != first[5:]
-    assert calibrl.PromptStream(5, 0).take(12)[:10] == first   # deterministic; small data is reused
+def test_prompt_stream_epochs():
+    """Each epoch is a pass over the data, reshuffled (or in file order); a step never spans two epochs:
+    the last partial batch of an epoch is dropped, as verl's drop_last does."""
+    s = calibrl.PromptStream(10, seed=0)
+    steps = [s.take(4) for _ in range(4)]          # 10 // 4 = 2 steps per epoch
+    assert len(set(steps[0] + steps[1])) == 8 and len(set(steps[2] + steps[3])) == 8
+    assert steps[:2] != steps[2:]                  # reshuffled
+    again = calibrl.PromptStream(10, seed=0)
+    assert [again.take(4) for _ in range(4)] == steps   # deterministic
+    ordered = calibrl.PromptStream(10, seed=0, shuffle=False)
+    assert [ordered.take(4) for _ in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 3]]
+
+def test_the_paper_preset_is_the_official_recipe(tmp_path):
+    """--preset paper: one epoch in file order (the official run: total_epochs=1, data.shuffle=False, the last
+    partial batch dropped) unless --steps is given; evaluation every 5 steps."""
+    paper = calibrl.parse_args(["--model", "x"])
+    assert (paper.steps, paper.shuffle, paper.eval_every) == (None, False, 5)
+    assert calibrl.parse_args(["--model", "x", "--steps", "7"]).steps == 7
+    assert calibrl.parse_args(["--model", "x", "--shuffle", "--no-gradient-checkpointing"]).shuffle
+    assert not calibrl.parse_args(["--model", "x", "--no-gradient-checkpointing"]).gradient_checkpointing
+    rows = demo_rows(11)
+    out = calibrl.main(["--preset", "paper", "--model", calibrl.DEMO_MODEL, "--data", write_jsonl(tmp_path / "t.jsonl", rows),
+                        "--prompts-per-step", "4", "--mini-batch-prompts", "4", "--group-size", "2",
+                        "--max-response-length", "30", "--max-prompt-length", "512", "--dtype", "float32",
+                        "--no-gradient-checkpointing", "--output-dir", str(tmp_path / "o")])
+    assert sorted(run_metrics(out)) == [1, 2]      # 11 // 4: one epoch, the last 3 rows dropped
 
 # -----------------------------------------------------------------------------
 # End to end on the tiny model (in-process: an interpreter start costs ~7 s)
@@ -971,6 +1001,8 @@ def test_eval_only_on_a_hand_written_jsonl(tmp_path):
     out = calibrl.main(["--eval-only", "--model", calibrl.DEMO_MODEL, "--preset", "demo", "--eval-data", data,
                         "--eval-samples", "3", "--output-dir", str(tmp_path / "o")])
     (m,) = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
-    assert set(m) == {"step", "eval/accuracy", "eval/pass@k", "eval/greedy_accuracy", "eval/format", "eval/response_length"}
+    assert set(m) == {"step", "eval/accuracy", "eval/pass@k", "eval/greedy_accuracy", "eval/greedy_reward",
+                      "eval/format", "eval/response_length"}
+    assert m["eval/greedy_accuracy"] <= m["eval/greedy_reward"] <= m["eval/greedy_accuracy"] + 0.1
     assert 0 <= m["eval/accuracy"] <= 2 / 3 and m["eval/accuracy"] <= m["eval/pass@k"] <= 2 / 3
     assert m["eval/response_length"] > 0
