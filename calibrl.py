@@ -148,8 +148,11 @@ def parse_args(argv=None):
 # Distributed set-up: torchrun sets RANK / WORLD_SIZE; a plain `python calibrl.py` is rank 0 of 1.
 
 def setup_distributed():
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    if torch.cuda.is_available() and local >= torch.cuda.device_count():
+        raise SystemExit(f"error: local rank {local} has no GPU ({torch.cuda.device_count()} visible): start at most "
+                         "one process per GPU, or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on CPUs")
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if "RANK" in os.environ:  # under torchrun (even with one process): FSDP2 with fp32 master weights

@@ -450,10 +450,13 @@ import safetensors.torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = {**os.environ, "PYTHONPATH": HERE, "OMP_NUM_THREADS": "1"}
+CPU_ENV = {**ENV, "CUDA_VISIBLE_DEVICES": ""}  # ranks on gloo/CPU, whatever GPUs the machine has
 
 def torchrun(n, *argv, timeout=300):
+    """n ranks on as many GPUs if there are, else on CPUs (gloo)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *argv]
-    p = subprocess.run(cmd, cwd=HERE, env=ENV, capture_output=True, text=True, timeout=timeout)
+    env = ENV if torch.cuda.device_count() >= n else CPU_ENV
+    p = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p.stdout
 
@@ -481,13 +484,16 @@ rank, world, device = calibrl.setup_distributed()
 result = {}
 for algo in ("calibrl", "luffy"):
     args = calibrl.parse_args(["--algo", algo, "--group-size", "4", "--prompts-per-step", "4", "--mini-batch-prompts", "2",
-                               "--micro-batch-size", "3", "--lr", "1e-4"])
+                               "--micro-batch-size", "3"])
     args.fused_on = False
     model, proc, tok, is_vlm = calibrl.load_model(calibrl.DEMO_MODEL, torch.float32, device)
+    args.suppress_ids = tok.suppress_ids
     policy = calibrl.Policy(model)
     if torch.distributed.is_initialized():
         calibrl.shard(policy, torch.float32, device)
-    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr)
+    # SGD: the parameter change is the gradient itself. (Adam's first step is lr * sign(g), so float
+    # noise on near-zero gradient elements would flip whole lr-sized steps and hide the comparison.)
+    opt = torch.optim.SGD(policy.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     data = calibrl.load_examples(calibrl.DEMO_TRAIN, args, proc, tok, is_vlm)[:4]
     mine = list(range(4))[rank::world]                  # main()'s strided shard
@@ -496,7 +502,10 @@ for algo in ("calibrl", "luffy"):
     for local, p in enumerate(mine):                    # responses depend on the global prompt only
         g = torch.Generator().manual_seed(p)
         sol, ans = data[p]["solution"], data[p]["answer"]
-        texts = [sol, "<think>no</think><answer>%d</answer>" % (int(ans) + 1), "<think>x", sol]
+        # no response starts like the expert's: where a rollout shares the expert's prefix, log pi_theta and
+        # l^E are the same number up to rounding (z = 0, the LeakyReLU kink), and the slope there (alpha or 1)
+        # turns on the last bit, which sharding may change. Elsewhere the update must not depend on ranks.
+        texts = ["so " + sol, "no</think><answer>%d</answer>" % (int(ans) + 1), "x", "so " + sol]
         for j in range(4):
             ids = tok(texts[int(torch.randint(0, 4, (1,), generator=g))], add_special_tokens=False)["input_ids"]
             rows.append(dict(prompt=local, resp=torch.tensor(ids + [tok.eos_id]), expert=False))
@@ -515,12 +524,14 @@ if rank == 0:
 def test_update_is_independent_of_the_number_of_ranks(tmp_path):
     script = tmp_path / "fixed_update.py"
     script.write_text(FIXED_ROLLOUT_UPDATE)
-    subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], cwd=HERE, env=ENV, check=True, capture_output=True)
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], cwd=HERE, env=CPU_ENV, check=True,
+                   capture_output=True)
     torchrun(2, str(script), str(tmp_path / "two.pt"))
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     init = params(calibrl.DEMO_MODEL)
     moved = max((one[k] - two[k]).abs().max().item() for k in one)
-    assert moved <= 1e-5, f"1 vs 2 ranks: max |diff| = {moved:.2e}"
+    print(f"1 vs 2 ranks: max |diff| = {moved:.2e}")
+    assert moved <= 1e-6, f"1 vs 2 ranks: max |diff| = {moved:.2e}"
     assert any((v - init[k.split(":model.", 1)[1]]).abs().max() > 1e-5 for k, v in one.items()
                if k.split(":model.", 1)[1] in init), "the update changed nothing"
 
@@ -909,9 +920,10 @@ def test_policy_loss_all_masked():
 
 
 def test_fused_training_step_matches_the_readable_path(tmp_path):
-    """calibrl.py --fused on: the same rollouts (sampling does not use the op) give the same update."""
-    outs = {f: calibrl.main(E2E[:1] + ["1"] + E2E[2:] + ["--fused", f, "--output-dir", str(tmp_path / f)])
-            for f in ("on", "off")}
+    """calibrl.py --fused on: the same rollouts (sampling does not use the op) give the same update.
+    float32 on a GPU too: bf16 paths differ by more than this test's tolerance (the GPU check compares them)."""
+    outs = {f: calibrl.main(E2E[:1] + ["1"] + E2E[2:] + ["--fused", f, "--dtype", "float32",
+                                                      "--output-dir", str(tmp_path / f)]) for f in ("on", "off")}
     m_on, m_off = run_metrics(outs["on"])[1], run_metrics(outs["off"])[1]
     assert m_on["train/reward"] == m_off["train/reward"]            # identical rollouts
     assert m_on["loss/ratio_first_dev"] < 1e-5                       # pi_old and the update share one path
