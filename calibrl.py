@@ -36,6 +36,12 @@ Departures from the paper and the official code (see README):
     in the token-mean but not run through the model in the update.
  9. The expert response is the solution text + the end-of-turn token, teacher-forced after the same
     chat prompt (images included) and scored at the rollout temperature.
+10. The images reach the model (the published official code drops them before building the prompt).
+11. Qwen's vision tokens are suppressed at sampling and excluded from every log-prob, so pi_old is
+    the sampler's distribution; nothing from the model folder's generation_config.json shapes it.
+12. Reward: cm² is dropped, a multiple-choice letter is read after the first \\boxed{ wherever it
+    stands, a numeric ground truth is read as a string (the official reward does none of these).
+13. A uniform group has A = 0 exactly (the official float32 mean leaves ~1e-8).
 """
 import argparse
 import contextlib

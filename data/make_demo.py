@@ -271,7 +271,9 @@ def make_image_processor():
 def tiny_config_model(kind, out_dir):
     """Randomly initialised tiny test model sharing the demo tokenizer, saved (with its processor) to out_dir.
     kind "qwen2_vl": Qwen2VLForConditionalGeneration + image-only processor (same image processor and chat
-    template as the demo model); kind "text": Qwen2ForCausalLM + tokenizer with a text-only ChatML template.
+    template as the demo model); kind "text": Qwen2ForCausalLM + tokenizer with a text-only ChatML template;
+    kind "qwen2.5-vl-3b": Qwen2.5-VL-3B's configuration (3.75B parameters, bf16, no download) with the demo's
+    tokenizer and processor, for the GPU check (python data/make_demo.py --random-3b DIR).
     Returns (model, processor_or_tokenizer)."""
     torch.manual_seed(0)
     tok = train_tokenizer(generate_splits())
@@ -284,6 +286,19 @@ def tiny_config_model(kind, out_dir):
         model = Qwen2VLForConditionalGeneration(cfg)
         proc = ImageOnlyQwen2VLProcessor(image_processor=make_image_processor(), tokenizer=tok,
                                          chat_template=CHAT_TEMPLATE)
+    elif kind == "qwen2.5-vl-3b":  # Qwen2.5-VL-3B-Instruct's sizes (its config.json), random weights
+        text = dict(text_config_dict(tok), vocab_size=151936, hidden_size=2048, intermediate_size=11008,
+                    num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
+        vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                      fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
+        cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **{
+            k: t[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")})
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # initialise where it is fast
+            model = Qwen2_5_VLForConditionalGeneration(cfg).to(torch.bfloat16)
+        proc = ImageOnlyQwen2_5_VLProcessor(image_processor=make_image_processor(), tokenizer=tok,
+                                            chat_template=CHAT_TEMPLATE)
     elif kind == "text":
         cfg = text_config_dict(tok)
         cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
@@ -450,4 +465,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+    if sys.argv[1:2] == ["--random-3b"]:  # the GPU check's model: python data/make_demo.py --random-3b DIR
+        tiny_config_model("qwen2.5-vl-3b", sys.argv[2])
+    else:
+        main()
