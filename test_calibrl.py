@@ -1,29 +1,115 @@
-"""Tests for calibrl.py and kernels/: the spec's test vectors, gradients, reward rules, data,
-end-to-end and distributed runs, bad input, and the fused kernel against the readable loss.
+"""Tests for calibrl.py, infra.py and kernels/, written as the specification they check: the spec's
+test vectors, the loss against a per-token re-derivation, the reward rules, the data schema and
+every class of bad input, end-to-end and distributed runs, resume and signals, and the fused
+kernel against the readable loss (Triton's interpreter on a CPU, native on a GPU).
 
-    python -m pytest -q test_calibrl.py          # ~N minutes on 2 CPU cores
+    python -m pytest -q test_calibrl.py          # a few minutes on 2 CPU cores
 """
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
+import safetensors.torch
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # the fused kernels run in Triton's interpreter on a CPU
-
-import calibrl
+import calibrl  # on a CPU it switches Triton's interpreter on, before anything imports triton
+import infra
 from calibrl import group_advantages, policy_loss, reward_fn
-fused_calibrl = calibrl.fused_ops()  # kernels/fused_calibrl.py, loaded by path (kernels/ is no package)
+
+fused_calibrl = infra.fused_ops()  # kernels/fused_calibrl.py, loaded by path (kernels/ is no package)
 fused_logprobs, fused_policy_loss = fused_calibrl.fused_logprobs, fused_calibrl.fused_policy_loss
 
 D = torch.float64
+HERE = os.path.dirname(os.path.abspath(__file__))
+ENV = {**os.environ, "PYTHONPATH": HERE, "OMP_NUM_THREADS": "1"}
+CPU_ENV = {**ENV, "CUDA_VISIBLE_DEVICES": ""}  # ranks on gloo/CPU, whatever GPUs the machine has
+
 
 def close(a, b, tol, what=""):
     a, b = torch.as_tensor(a, dtype=D), torch.as_tensor(b, dtype=D)
     diff = (a - b).abs().max().item()
     assert diff <= tol, f"{what}: max |diff| = {diff:.3e} > {tol:.1e}\n got {a}\n want {b}"
+
+# -----------------------------------------------------------------------------
+# Helpers: small runs of calibrl on the bundled demo, data rows, subprocesses
+
+SMALL = ["--prompts-per-step", "4", "--mini-batch-prompts", "2", "--group-size", "4",
+         "--micro-batch-size", "6", "--eval-every", "0"]
+
+
+def flags(out, *more, steps=2):
+    """The command line of a small run: `steps` steps of 4 prompts x 4 rollouts into folder `out`."""
+    return ["--steps", str(steps), *SMALL, "--output-dir", str(out), *more]
+
+
+def train(out, *more, steps=2):
+    """Run calibrl for `steps` steps in this process (a new interpreter costs ~7 s) -> its folder."""
+    return calibrl.main(flags(out, *more, steps=steps))
+
+
+def run_metrics(d):
+    """{step: metrics} of the training steps in a run folder's metrics.jsonl."""
+    return {l["step"]: l for l in map(json.loads, open(os.path.join(d, "metrics.jsonl")))
+            if "train/reward" in l}
+
+
+def params(ckpt):
+    return safetensors.torch.load_file(os.path.join(ckpt, "model.safetensors"))
+
+
+def torchrun(n, *argv, timeout=300):
+    """n ranks on as many GPUs if there are, else on CPUs (gloo); -> stdout, or fail with the output."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *argv]
+    env = ENV if torch.cuda.device_count() >= n else CPU_ENV
+    p = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+def demo_rows(n=3):
+    rows = [json.loads(l) for l in open(calibrl.DEMO_TRAIN)][:n]
+    base = os.path.dirname(calibrl.DEMO_TRAIN)
+    for r in rows:  # absolute paths, so the rows can live in any folder
+        r["images"] = [os.path.join(base, p) for p in r["images"]]
+    return rows
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+class deadline:
+    """with deadline(s): raises TimeoutError in the main thread after s seconds, even inside a wait
+    on a pipe or a subprocess (SIGALRM interrupts the system call), so a hang fails the test."""
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def __enter__(self):
+        import signal
+        def fire(*_):
+            raise TimeoutError(f"still running after {self.seconds} s")
+        self.old = signal.signal(signal.SIGALRM, fire)
+        signal.setitimer(signal.ITIMER_REAL, self.seconds)
+
+    def __exit__(self, *exc):
+        import signal
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, self.old)
+
+
+def bad(**change):
+    """A demo row with fields changed (None: removed)."""
+    r = demo_rows(1)[0]
+    for k, v in change.items():
+        if v is None:
+            r.pop(k, None)
+        else:
+            r[k] = v
+    return r
 
 # -----------------------------------------------------------------------------
 # Spec test vectors T1-T7
@@ -59,9 +145,13 @@ def test_T4_advantages_ignore_the_expert():
     adv, adv_e = group_advantages(r, 10, expert_rewards=torch.tensor([1.1], dtype=D))
     close(adv, [0.72] * 3 + [-0.28] * 5 + [-0.38] * 2, 1e-12, "T4 A")
     close(adv_e, [1.1 - 0.38], 1e-12, "T4 A_E")
-    acc = r >= 1.0  # passed <=> accuracy 1, never r > 0.1 in float32
-    assert acc.tolist() == [True] * 3 + [False] * 7
-    assert (torch.tensor([0.1], dtype=torch.float32).double() > 0.1).item()  # the trap the spec warns about
+
+def test_T4_passed_comes_from_the_accuracy():
+    """passed <=> accuracy 1 (the official r > 0.1), never decided on a float reward: a format-only
+    reward of 0.1 that went through float32 is 0.10000000149 in float64, above 0.1."""
+    rows = [calibrl.Row(torch.zeros(1), acc=a, fmt=f) for a, f in ((1, 1), (1, 0), (0, 1), (0, 0))]
+    assert [r.passed for r in rows] == [True, True, False, False]
+    assert [r.reward for r in rows] == [1.1, 1.0, 0.1, 0.0]
 
 def expert_token(algo, p=0.3, p_old=0.3, adv=0.72):
     lp = torch.tensor([[math.log(p)]], dtype=D, requires_grad=True)
@@ -312,7 +402,7 @@ def test_data_forms(tmp_path, demo):
     parts = exs[0]["messages"][0]["content"]
     assert [p["type"] for p in parts] == ["image", "image", "text"]
     assert parts[-1]["text"].count(calibrl.INSTRUCTION) == 1          # not appended twice
-    assert [calibrl.open_image(r).size for r in exs[0]["images"]] == [(28, 28), (28, 28)]
+    assert [infra.open_image(r).size for r in exs[0]["images"]] == [(28, 28), (28, 28)]
     rows = [
         {"prompt": "<image>Q1?", "images": ["a.png"], "answer": 3, "solution": ["<think>s</think><answer>3</answer>", "x"]},
         {"prompt": "Text only", "images": [], "answer": 2.5, "solution": {"role": "assistant", "content": "sol"}},
@@ -323,7 +413,7 @@ def test_data_forms(tmp_path, demo):
     assert [e["answer"] for e in exs] == ["3", "2.5", "x"]
     assert [e["solution"] for e in exs] == ["<think>s</think><answer>3</answer>", "sol", None]
     assert exs[0]["messages"][0]["content"][-1]["text"] == "Q1? " + calibrl.INSTRUCTION
-    assert calibrl.open_image(exs[0]["images"][0]).size == (28, 28)
+    assert infra.open_image(exs[0]["images"][0]).size == (28, 28)
 
 def test_instruction_once_and_the_verl_ground_truth_wins(tmp_path, demo):
     """The instruction is not appended again when any message (the system one too) holds it, whitespace
@@ -366,7 +456,8 @@ def test_sampling_ignores_the_model_folders_generation_config(tmp_path, demo):
         outs = []
         for m in (model, dirty[0]):
             torch.manual_seed(0)
-            outs.append(calibrl.generate(calibrl.Policy(m), tok, encs, 1 if greedy else 4, args,
+            policy = calibrl.Policy(m, args.temperature, tok.suppress_ids, fused=False)
+            outs.append(calibrl.generate(policy, tok, encs, 1 if greedy else 4, args,
                                          torch.device("cpu"), greedy))
         assert [o.tolist() for o in outs[0]] == [o.tolist() for o in outs[1]], f"greedy={greedy}"
     # the processed scores of every sampled step are exactly logits / T, -inf only at the suppressed ids
@@ -397,13 +488,13 @@ def test_log_probs_score_the_samplers_distribution():
 def test_prompt_stream_epochs():
     """Each epoch is a pass over the data, reshuffled (or in file order); a step never spans two epochs:
     the last partial batch of an epoch is dropped, as verl's drop_last does."""
-    s = calibrl.PromptStream(10, seed=0)
+    s = infra.PromptStream(10, seed=0)
     steps = [s.take(4) for _ in range(4)]          # 10 // 4 = 2 steps per epoch
     assert len(set(steps[0] + steps[1])) == 8 and len(set(steps[2] + steps[3])) == 8
     assert steps[:2] != steps[2:]                  # reshuffled
-    again = calibrl.PromptStream(10, seed=0)
+    again = infra.PromptStream(10, seed=0)
     assert [again.take(4) for _ in range(4)] == steps   # deterministic
-    ordered = calibrl.PromptStream(10, seed=0, shuffle=False)
+    ordered = infra.PromptStream(10, seed=0, shuffle=False)
     assert [ordered.take(4) for _ in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 3]]
 
 def test_the_paper_preset_is_the_official_recipe(tmp_path):
@@ -424,49 +515,30 @@ def test_the_paper_preset_is_the_official_recipe(tmp_path):
 # -----------------------------------------------------------------------------
 # End to end on the tiny model (in-process: an interpreter start costs ~7 s)
 
-E2E = ["--steps", "2", "--prompts-per-step", "4", "--mini-batch-prompts", "2", "--group-size", "4",
-       "--micro-batch-size", "6", "--eval-every", "0"]
 
 @pytest.mark.parametrize("algo", ["calibrl", "grpo", "luffy", "rlplus"])
 def test_two_steps_each_algo(algo, tmp_path):
-    out = calibrl.main(E2E + ["--algo", algo, "--output-dir", str(tmp_path)])
+    out = train(tmp_path, "--algo", algo)
     lines = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     assert [l["step"] for l in lines] == [1, 2]
     for l in lines:
         assert all(math.isfinite(v) for v in l.values())
         assert l["loss/ratio_first_dev"] < 1e-5   # pi_theta / pi_old == 1 on the first update
+        assert l["loss/grad_norm"] > 0            # the update moved something
     from transformers import AutoModelForImageTextToText
-    model = AutoModelForImageTextToText.from_pretrained(os.path.join(out, "checkpoint-2"))
-    assert sum(p.numel() for p in model.parameters()) > 0
-    assert calibrl.load_processor(os.path.join(out, "checkpoint-2"), model.config).image_processor is not None
+    ckpt = os.path.join(out, "checkpoint-2")
+    model = AutoModelForImageTextToText.from_pretrained(ckpt)
+    saved = params(ckpt)
+    assert any(not torch.equal(v, params(calibrl.DEMO_MODEL)[k]) for k, v in saved.items())
+    assert infra.load_processor(ckpt, model.config).image_processor is not None
 
 # -----------------------------------------------------------------------------
 # Distributed (torchrun, FSDP2 on gloo), resume and signals
 
-import subprocess
-import sys
-
-import safetensors.torch
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-ENV = {**os.environ, "PYTHONPATH": HERE, "OMP_NUM_THREADS": "1"}
-CPU_ENV = {**ENV, "CUDA_VISIBLE_DEVICES": ""}  # ranks on gloo/CPU, whatever GPUs the machine has
-
-def torchrun(n, *argv, timeout=300):
-    """n ranks on as many GPUs if there are, else on CPUs (gloo)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *argv]
-    env = ENV if torch.cuda.device_count() >= n else CPU_ENV
-    p = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p.stdout
-
-def params(ckpt):
-    return safetensors.torch.load_file(os.path.join(ckpt, "model.safetensors"))
-
 def test_torchrun_two_ranks_trains_and_checkpoints(tmp_path):
     # 3 eval problems, 1 per generate call: rank 0 has 2 calls' worth, rank 1 one (they must not hang)
-    out = torchrun(2, "calibrl.py", *E2E, "--eval-every", "1", "--eval-max-prompts", "3", "--rollout-batch-prompts", "1",
-                   "--output-dir", str(tmp_path))
+    out = torchrun(2, "calibrl.py", *flags(tmp_path, "--eval-every", "1", "--eval-max-prompts", "3",
+                                           "--rollout-batch-prompts", "1"))
     assert "world 2" in out and "step 2/2" in out
     lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
     assert [l["step"] for l in lines if "train/reward" in l] == [1, 2]
@@ -479,42 +551,40 @@ FIXED_ROLLOUT_UPDATE = '''
 import sys
 import torch
 import calibrl
+import infra
 out = sys.argv[1]
-rank, world, device = calibrl.setup_distributed()
+rank, world, device = infra.setup_distributed()
 result = {}
 for algo in ("calibrl", "luffy"):
-    args = calibrl.parse_args(["--algo", algo, "--group-size", "4", "--prompts-per-step", "4", "--mini-batch-prompts", "2",
-                               "--micro-batch-size", "3"])
-    args.fused_on = False
+    args = calibrl.parse_args(["--algo", algo, "--group-size", "4", "--prompts-per-step", "4",
+                               "--mini-batch-prompts", "2", "--micro-batch-size", "3"])
     model, proc, tok, is_vlm = calibrl.load_model(calibrl.DEMO_MODEL, torch.float32, device)
-    args.suppress_ids = tok.suppress_ids
-    policy = calibrl.Policy(model)
-    if torch.distributed.is_initialized():
-        calibrl.shard(policy, torch.float32, device)
+    policy = calibrl.Policy(model, args.temperature, tok.suppress_ids, fused=False)
+    if infra.distributed():
+        infra.shard(policy, torch.float32, device)
     # SGD: the parameter change is the gradient itself. (Adam's first step is lr * sign(g), so float
     # noise on near-zero gradient elements would flip whole lr-sized steps and hide the comparison.)
     opt = torch.optim.SGD(policy.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     data = calibrl.load_examples(calibrl.DEMO_TRAIN, args, proc, tok, is_vlm)[:4]
     mine = list(range(4))[rank::world]                  # main()'s strided shard
-    encs = [calibrl.encode_prompt(proc, data[p], is_vlm) for p in mine]
-    rows = []
-    for local, p in enumerate(mine):                    # responses depend on the global prompt only
+    groups = []
+    for p in mine:                                      # responses depend on the global prompt only
         g = torch.Generator().manual_seed(p)
         sol, ans = data[p]["solution"], data[p]["answer"]
         # no response starts like the expert's: where a rollout shares the expert's prefix, log pi_theta and
         # l^E are the same number up to rounding (z = 0, the LeakyReLU kink), and the slope there (alpha or 1)
         # turns on the last bit, which sharding may change. Elsewhere the update must not depend on ranks.
         texts = ["so " + sol, "no</think><answer>%d</answer>" % (int(ans) + 1), "x", "so " + sol]
-        for j in range(4):
-            ids = tok(texts[int(torch.randint(0, 4, (1,), generator=g))], add_special_tokens=False)["input_ids"]
-            rows.append(dict(prompt=local, resp=torch.tensor(ids + [tok.eos_id]), expert=False))
-        rows.append(dict(prompt=local, resp=torch.tensor(tok(sol, add_special_tokens=False)["input_ids"] + [tok.eos_id]), expert=True))
-    for r in rows:
-        r["acc"], r["fmt"] = calibrl.reward_fn(tok.decode(r["resp"], skip_special_tokens=True), data[mine[r["prompt"]]]["answer"])
-        r["reward"] = r["acc"] + 0.1 * r["fmt"]
-    calibrl.score_rows(policy, encs, rows, args, device, tok.pad_id, rows[0])
-    calibrl.update(policy, opt, sched, encs, calibrl.attach_advantages(rows, args), args, device, tok.pad_id, world)
+        ids = lambda text: torch.tensor(tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_id])
+        rows = [calibrl.Row(ids(texts[int(torch.randint(0, 4, (1,), generator=g))])) for _ in range(4)]
+        group = calibrl.Group(data[p], calibrl.encode_prompt(proc, data[p], is_vlm), rows,
+                              expert=calibrl.Row(ids(sol), expert=True))
+        for r in group.all_rows():
+            r.acc, r.fmt = calibrl.reward_fn(tok.decode(r.resp, skip_special_tokens=True), ans)
+        groups.append(group)
+    calibrl.old_logprobs(policy, groups, args, device, tok.pad_id)
+    calibrl.update(policy, opt, sched, calibrl.advantages(groups, args), args, device, tok.pad_id, world)
     for n, p in policy.named_parameters():
         result[algo + ":" + n] = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
 if rank == 0:
@@ -535,14 +605,11 @@ def test_update_is_independent_of_the_number_of_ranks(tmp_path):
     assert any((v - init[k.split(":model.", 1)[1]]).abs().max() > 1e-5 for k, v in one.items()
                if k.split(":model.", 1)[1] in init), "the update changed nothing"
 
-def run_metrics(d):
-    return {l["step"]: l for l in map(json.loads, open(os.path.join(d, "metrics.jsonl"))) if "train/reward" in l}
-
 def test_resume_is_exact(tmp_path):
-    common = E2E[2:] + ["--eval-every", "1", "--eval-max-prompts", "4", "--save-every", "2"]
-    straight = calibrl.main(["--steps", "4", "--output-dir", str(tmp_path / "a")] + common)
-    calibrl.main(["--steps", "2", "--output-dir", str(tmp_path / "b")] + common)
-    resumed = calibrl.main(["--steps", "4", "--resume", "--output-dir", str(tmp_path / "b")] + common)
+    common = ["--eval-every", "1", "--eval-max-prompts", "4", "--save-every", "2"]
+    straight = train(tmp_path / "a", *common, steps=4)
+    train(tmp_path / "b", *common, steps=2)
+    resumed = train(tmp_path / "b", "--resume", *common, steps=4)
     a, b = params(os.path.join(straight, "checkpoint-4")), params(os.path.join(resumed, "checkpoint-4"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     ma, mb = run_metrics(straight), run_metrics(resumed)
@@ -553,14 +620,14 @@ def test_resume_is_exact(tmp_path):
                 assert abs(v - mb[step][k]) <= 1e-6, (step, k, v, mb[step][k])
 
 def test_refuses_another_runs_output_dir(tmp_path):
-    calibrl.main(E2E[:1] + ["1"] + E2E[2:] + ["--output-dir", str(tmp_path)])
+    train(tmp_path, steps=1)
     with pytest.raises(SystemExit, match="--resume"):
-        calibrl.main(E2E + ["--output-dir", str(tmp_path)])
+        train(tmp_path)
 
 def test_sigterm_checkpoints_and_resumes(tmp_path):
     import signal
     import time
-    argv = [sys.executable, "calibrl.py"] + E2E[2:] + ["--steps", "200", "--output-dir", str(tmp_path)]
+    argv = [sys.executable, "calibrl.py"] + flags(tmp_path, steps=200)
     p = subprocess.Popen(argv, cwd=HERE, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 120
@@ -570,33 +637,13 @@ def test_sigterm_checkpoints_and_resumes(tmp_path):
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 0, out[-3000:]
     assert "stopped by signal" in out and "Traceback" not in out
-    (step, ckpt), = calibrl.checkpoints(str(tmp_path))
+    (step, ckpt), = infra.checkpoints(str(tmp_path))
     assert step < 200
-    calibrl.main(E2E[2:] + ["--steps", str(step + 1), "--resume", "--output-dir", str(tmp_path)])
+    train(tmp_path, "--resume", steps=step + 1)
     assert sorted(run_metrics(str(tmp_path))) == list(range(1, step + 2))
 
 # -----------------------------------------------------------------------------
 # Bad input and faults: clear errors naming file, row and field; nothing hangs
-
-def demo_rows(n=3):
-    rows = [json.loads(l) for l in open(calibrl.DEMO_TRAIN)][:n]
-    base = os.path.dirname(calibrl.DEMO_TRAIN)
-    for r in rows:  # absolute paths, so the rows can live in any folder
-        r["images"] = [os.path.join(base, p) for p in r["images"]]
-    return rows
-
-def write_jsonl(path, rows):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return str(path)
-
-def bad(**change):
-    r = demo_rows(1)[0]
-    for k, v in change.items():
-        if v is None:
-            r.pop(k, None)
-        else:
-            r[k] = v
-    return r
 
 BAD_DATASETS = [  # (name, rows: the bad one is row 3 of the file, extra flags, expected pieces of the message)
     ("invalid json", ['{"prompt": "<image>Q", '], [], ["row 3", "'json'", "invalid JSON"]),
@@ -619,11 +666,11 @@ BAD_DATASETS = [  # (name, rows: the bad one is row 3 of the file, extra flags, 
     ("solution too long", [], ["--max-response-length", "6"], ["row 1", "'solution'", "> --max-response-length 6"]),
 ]
 
-@pytest.mark.parametrize("name,bad_rows,flags,want", BAD_DATASETS, ids=[b[0] for b in BAD_DATASETS])
-def test_bad_dataset_is_named_before_training(tmp_path, name, bad_rows, flags, want):
+@pytest.mark.parametrize("name,bad_rows,extra,want", BAD_DATASETS, ids=[b[0] for b in BAD_DATASETS])
+def test_bad_dataset_is_named_before_training(tmp_path, name, bad_rows, extra, want):
     path = write_jsonl(tmp_path / "train.jsonl", demo_rows(2) + bad_rows + demo_rows(1))
     with pytest.raises(SystemExit) as e:
-        calibrl.main(E2E + ["--data", path, "--output-dir", str(tmp_path / "out")] + flags)
+        train(tmp_path / "out", "--data", path, *extra)
     msg = str(e.value.code)
     assert msg.startswith("error: data file " + path), msg
     for piece in want:
@@ -644,12 +691,12 @@ def test_bad_files_and_bad_parquet(tmp_path):
             rows = [{"prompt": "<image>Count.", "images": [{"bytes": b}], "answer": "3"} for b in (png, b"\x89PNG broken")]
             pq.write_table(pa.Table.from_pylist(rows), path)
         with pytest.raises(SystemExit, match=want):
-            calibrl.main(E2E + ["--data", str(path), "--output-dir", str(tmp_path / "out")])
+            train(tmp_path / "out", "--data", str(path))
 
 def test_many_bad_rows_are_summarised(tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", demo_rows(1) + [bad(answer=None)] * 30)
     with pytest.raises(SystemExit) as e:
-        calibrl.main(E2E + ["--data", path, "--output-dir", str(tmp_path / "o")])
+        train(tmp_path / "o", "--data", path)
     msg = str(e.value.code)
     assert "has 30 bad rows" in msg and "row 21, field 'answer'" in msg and "and 10 more bad rows" in msg
     assert "row 22," not in msg
@@ -670,16 +717,16 @@ def test_validation_rows_need_no_expert(tmp_path, capsys):
     rows[2]["solution"] = 7
     val = write_jsonl(tmp_path / "val.jsonl", rows)
     for algo in ("luffy", "calibrl"):
-        out = calibrl.main(E2E[:1] + ["1"] + E2E[2:] + ["--algo", algo, "--eval-data", val, "--eval-every", "1",
-                                                      "--eval-samples", "1", "--output-dir", str(tmp_path / algo)])
+        out = train(tmp_path / algo, "--algo", algo, "--eval-data", val, "--eval-every", "1",
+                    "--eval-samples", "1", steps=1)
         assert "eval/accuracy" in json.loads(open(os.path.join(out, "metrics.jsonl")).readlines()[-1])
     assert "no expert" not in capsys.readouterr().out
 
 def test_skip_bad_rows_trains_on_the_rest(tmp_path, capsys):
-    path = write_jsonl(tmp_path / "t.jsonl", [bad(answer=None), "{oops"] + demo_rows(2) + [bad(images=5)])
-    out = calibrl.main(E2E[:1] + ["1"] + E2E[2:] + ["--data", path, "--skip-bad-rows", "--output-dir", str(tmp_path / "o")])
+    path = write_jsonl(tmp_path / "t.jsonl", [bad(answer=None), "{oops"] + demo_rows(4) + [bad(images=5)])
+    out = train(tmp_path / "o", "--data", path, "--skip-bad-rows", steps=1)
     said = capsys.readouterr().out
-    assert "skipped 3 bad rows of 5" in said and "row 1, field 'answer'" in said and "row 2, field 'json'" in said
+    assert "skipped 3 bad rows of 7" in said and "row 1, field 'answer'" in said and "row 2, field 'json'" in said
     assert sorted(run_metrics(out)) == [1]
 
 def test_model_errors(tmp_path):
@@ -697,14 +744,12 @@ def test_model_errors(tmp_path):
 
 @pytest.mark.parametrize("answer", ["{" * 20000 + "}" * 20000, "9^{9^{9^{9^{9^{9}}}}}", "10^{10^{10^{10}}}",
                                     "1" * 100000, "\\frac{" * 3000 + "1" + "}{2}" * 3000, "x" * 100000])
-def test_adversarial_answers_score_zero_and_return(answer):
-    import time
-    calibrl.VERIFY.timeout = 2.0
-    t0 = time.time()
-    acc, fmt = reward_fn(f"<think>t</think><answer>{answer}</answer>", "5")
-    assert (acc, fmt) == (0.0, 1.0)
-    assert time.time() - t0 < 60, "the answer check is not bounded"  # a hang guard, not a timing test
-    assert reward_fn("<think>t</think><answer>5</answer>", "5") == (1.0, 1.0)  # the verifier still works
+def test_adversarial_answers_score_zero_and_return(answer, monkeypatch):
+    monkeypatch.setattr(calibrl.VERIFY, "timeout", 2.0)
+    with deadline(60):  # a hang guard that stops a hanging call, not a timing test
+        acc, fmt = reward_fn(f"<think>t</think><answer>{answer}</answer>", "5")
+        assert (acc, fmt) == (0.0, 1.0)
+        assert reward_fn("<think>t</think><answer>5</answer>", "5") == (1.0, 1.0)  # still works
 
 def test_non_finite_loss_skips_steps_then_stops_with_a_checkpoint(tmp_path, monkeypatch):
     real = calibrl.policy_loss
@@ -713,10 +758,10 @@ def test_non_finite_loss_skips_steps_then_stops_with_a_checkpoint(tmp_path, monk
         return loss * float("nan"), m
     monkeypatch.setattr(calibrl, "policy_loss", nan_loss)
     with pytest.raises(SystemExit, match="non-finite loss or gradient norm in 2 consecutive steps"):
-        calibrl.main(E2E[:1] + ["5"] + E2E[2:] + ["--max-bad-steps", "2", "--output-dir", str(tmp_path)])
+        train(tmp_path, "--max-bad-steps", "2", steps=5)
     m = run_metrics(str(tmp_path))
     assert sorted(m) == [1, 2] and all(m[s]["loss/skipped_frac"] == 1.0 for s in m)
-    (step, ckpt), = calibrl.checkpoints(str(tmp_path))
+    (step, ckpt), = infra.checkpoints(str(tmp_path))
     a, b = params(ckpt), params(calibrl.DEMO_MODEL)
     assert step == 2 and all(torch.equal(a[k], b[k]) for k in b if k in a)  # the weights were never touched
 
@@ -922,8 +967,7 @@ def test_policy_loss_all_masked():
 def test_fused_training_step_matches_the_readable_path(tmp_path):
     """calibrl.py --fused on: the same rollouts (sampling does not use the op) give the same update.
     float32 on a GPU too: bf16 paths differ by more than this test's tolerance (the GPU check compares them)."""
-    outs = {f: calibrl.main(E2E[:1] + ["1"] + E2E[2:] + ["--fused", f, "--dtype", "float32",
-                                                      "--output-dir", str(tmp_path / f)]) for f in ("on", "off")}
+    outs = {f: train(tmp_path / f, "--fused", f, "--dtype", "float32", steps=1) for f in ("on", "off")}
     m_on, m_off = run_metrics(outs["on"])[1], run_metrics(outs["off"])[1]
     assert m_on["train/reward"] == m_off["train/reward"]            # identical rollouts
     assert m_on["loss/ratio_first_dev"] < 1e-5                       # pi_old and the update share one path
@@ -962,14 +1006,13 @@ def test_an_installed_kernels_distribution_is_not_shadowed(tmp_path):
     (site / "kernels-0.18.5.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 0.18.5\n")
     env = {**ENV, "PYTHONPATH": str(site)}
     env.pop("TRITON_INTERPRET", None)  # calibrl.py itself must switch the interpreter on, early enough
-    p = subprocess.run([sys.executable, "calibrl.py", *E2E[:1], "1", *E2E[2:], "--fused", "on",
-                        "--output-dir", str(tmp_path / "o")], cwd=HERE, env=env, capture_output=True, text=True,
-                       timeout=300)
+    p = subprocess.run([sys.executable, "calibrl.py", *flags(tmp_path / "o", "--fused", "on", steps=1)],
+                       cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "fused True" in p.stdout and sorted(run_metrics(str(tmp_path / "o"))) == [1]
 
 def test_fused_under_torchrun(tmp_path):
-    out = torchrun(2, "calibrl.py", *E2E[:1], "1", *E2E[2:], "--fused", "on", "--output-dir", str(tmp_path))
+    out = torchrun(2, "calibrl.py", *flags(tmp_path, "--fused", "on", steps=1))
     assert "fused True" in out and "world 2" in out
     assert run_metrics(str(tmp_path))[1]["loss/ratio_first_dev"] < 1e-5
 
@@ -987,8 +1030,7 @@ def make_demo():
 
 def test_one_step_on_qwen2_vl(tmp_path, make_demo):
     make_demo.tiny_config_model("qwen2_vl", str(tmp_path / "m"))
-    out = calibrl.main(E2E[:1] + ["1"] + E2E[2:] + ["--preset", "demo", "--model", str(tmp_path / "m"),
-                                                  "--output-dir", str(tmp_path / "o")])
+    out = train(tmp_path / "o", "--preset", "demo", "--model", str(tmp_path / "m"), steps=1)
     assert sorted(run_metrics(out)) == [1]
     from transformers import AutoModelForImageTextToText
     assert type(AutoModelForImageTextToText.from_pretrained(os.path.join(out, "checkpoint-1"))).__name__ == \
@@ -999,11 +1041,10 @@ def test_one_step_on_a_text_only_lm(tmp_path, make_demo):
     rows = [{"prompt": f"What is {a} + {b}?", "answer": a + b,
              "solution": f"<think>{a} + {b} = {a + b}.</think><answer>{a + b}</answer>"} for a in range(3) for b in range(3)]
     data = write_jsonl(tmp_path / "t.jsonl", rows)
-    args = E2E[:1] + ["1"] + E2E[2:] + ["--preset", "demo", "--model", str(tmp_path / "m"), "--data", data]
-    out = calibrl.main(args + ["--output-dir", str(tmp_path / "o")])
-    assert sorted(run_metrics(out)) == [1]
+    model = ["--preset", "demo", "--model", str(tmp_path / "m")]
+    assert sorted(run_metrics(train(tmp_path / "o", *model, "--data", data, steps=1))) == [1]
     with pytest.raises(SystemExit, match=r"row 1, field 'images': the model is text-only"):
-        calibrl.main(args[:-2] + ["--data", write_jsonl(tmp_path / "i.jsonl", demo_rows(1)), "--output-dir", str(tmp_path / "p")])
+        train(tmp_path / "p", *model, "--data", write_jsonl(tmp_path / "i.jsonl", demo_rows(1)), steps=1)
 
 
 def test_eval_only_on_a_hand_written_jsonl(tmp_path):
@@ -1015,6 +1056,6 @@ def test_eval_only_on_a_hand_written_jsonl(tmp_path):
     (m,) = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     assert set(m) == {"step", "eval/accuracy", "eval/pass@k", "eval/greedy_accuracy", "eval/greedy_reward",
                       "eval/format", "eval/response_length"}
-    assert m["eval/greedy_accuracy"] <= m["eval/greedy_reward"] <= m["eval/greedy_accuracy"] + 0.1
+    assert m["eval/greedy_accuracy"] <= m["eval/greedy_reward"] <= m["eval/greedy_accuracy"] + 0.1 + 1e-12
     assert 0 <= m["eval/accuracy"] <= 2 / 3 and m["eval/accuracy"] <= m["eval/pass@k"] <= 2 / 3
     assert m["eval/response_length"] > 0

@@ -1,0 +1,517 @@
+"""
+infra.py -- the machinery beside calibrl.py that is not the algorithm.
+
+calibrl.py reads as the paper: prompts, reward, rollout, log-probs, Eq. A-C, the update, the loop.
+What a reader learning CalibRL never needs to open, and an engineer chasing a crash at scale looks
+for first, lives here, in the order a run meets it:
+
+  torchrun and FSDP2   setup_distributed, all_sum / all_max / barrier, in_step (the one idiom for
+                       dummy work that keeps ranks in step), shard, gathered
+  model files          load_processor (Qwen2-VL processors without torchvision), fused_ops (the
+                       Triton kernel file, loaded by path)
+  data                 read_examples: every row checked before the first step, one report naming
+                       the file, each bad row and field; PromptStream: the data order
+  the answer checker   Verifier: math-verify in a worker process that can be killed
+  metrics              add, reduce_stats, Logger (one line per step, metrics.jsonl, TensorBoard)
+  checkpoints          save_checkpoint, checkpoints, load_checkpoint: exact resume
+
+It imports nothing from calibrl.py: calibrl passes in what the machinery needs (its prompt
+builder, its answer check), so there is no import circle.
+"""
+import contextlib
+import io
+import json
+import math
+import os
+import random
+import re
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# -----------------------------------------------------------------------------
+# torchrun and FSDP2. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; `python calibrl.py` is rank 0 of 1.
+
+def setup_distributed():
+    """-> rank, world, device; under torchrun (even with one process) a process group for FSDP2."""
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in
+                          (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    if torch.cuda.is_available() and local >= torch.cuda.device_count():
+        raise SystemExit(f"error: local rank {local} has no GPU ({torch.cuda.device_count()} visible): "
+                         "start at most one process per GPU, or hide the GPUs (CUDA_VISIBLE_DEVICES=) "
+                         "to run on CPUs")
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def distributed():
+    return torch.distributed.is_initialized()
+
+
+def all_sum(x):
+    """Sum a float or tensor over ranks (identity on one process)."""
+    t = torch.as_tensor(x, dtype=torch.float64).clone()
+    if distributed():
+        torch.distributed.all_reduce(t)
+    return t if torch.is_tensor(x) else t.item()
+
+
+def all_max(x):
+    t = torch.tensor(float(x), dtype=torch.float64)
+    if distributed():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.item()
+
+
+def barrier():
+    if distributed():
+        torch.distributed.barrier()
+
+
+def in_step(work):
+    """The one idiom for keeping ranks in step: FSDP's collectives (and synced generation) must pair
+    up, so every rank runs as many forwards. `work` is this rank's list of items; it comes back
+    padded with None up to the longest list of any rank. A None is dummy work: run it on a stand-in
+    item with weight 0 and keep nothing from it."""
+    return work + [None] * (int(all_max(len(work))) - len(work))
+
+
+def shard(policy, compute_dtype, device):
+    """FSDP2: each decoder layer and vision block, the vision tower, then the root; bf16 compute with
+    fp32 gradient reduction on GPUs (the parameters stay fp32 master weights)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = (MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+          if device.type == "cuda" else MixedPrecisionPolicy())
+    blocks = set(getattr(policy.model, "_no_split_modules", None) or [])
+    for name, m in reversed(list(policy.model.named_modules())):  # children before their parents
+        # the vision tower is a unit of its own, so that generate can run its patch embedding
+        if type(m).__name__ in blocks or name.endswith("visual"):
+            fully_shard(m, mp_policy=mp)
+    fully_shard(policy, mp_policy=mp)
+
+
+@contextlib.contextmanager
+def gathered(policy):
+    """Rollout under FSDP2: all-gather the weights once and keep them whole while decoding, instead
+    of one all-gather per layer per decoded token; reshard after. Nothing to do on one process."""
+    if not distributed():
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+    units = [m for m in policy.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in units:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
+def clip_grad_norm(model, max_norm):
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+# -----------------------------------------------------------------------------
+# Model files
+
+def load_processor(path, config):
+    """The processor of a model folder; the tokenizer alone for a text-only LM."""
+    import transformers
+    from transformers import AutoProcessor, AutoTokenizer
+    if not hasattr(config, "vision_config"):
+        return AutoTokenizer.from_pretrained(path)
+    try:
+        proc = AutoProcessor.from_pretrained(path)
+        if hasattr(proc, "image_processor"):
+            return proc
+    except (ImportError, ValueError, OSError, AttributeError):
+        pass
+    # Without torchvision, Qwen2-VL-family processors fail on their video processor. The same class
+    # with an __init__ that takes no video processor handles images identically; it keeps the base
+    # class's name so its saved processor_config.json loads as the real one where torchvision exists.
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+    base = getattr(transformers, PROCESSOR_MAPPING_NAMES[config.model_type])
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kw):
+        base.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kw)
+    return type(base.__name__, (base,), {"__init__": __init__}).from_pretrained(path)
+
+
+def fused_ops():
+    """kernels/fused_calibrl.py, loaded by its path under a name of its own. kernels/ is no package on
+    purpose: an installed distribution named `kernels` (Hugging Face's, which transformers imports
+    when present) must neither be shadowed by this folder nor shadow it."""
+    name = "calibrl_fused_kernels"
+    if name not in sys.modules:
+        import importlib.util
+        path = os.path.join(HERE, "kernels", "fused_calibrl.py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # before exec: the module must be importable by name while it runs
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+# -----------------------------------------------------------------------------
+# Data: .parquet or .jsonl rows -> examples {messages, images, answer, solution}, checked up front.
+
+class BadRow(Exception):
+    """A row problem: (field, reason)."""
+
+
+def read_rows(path):
+    """-> [(row number from 1 in file order, row dict or BadRow)]; a bad file ends the run at once."""
+    where = f"data file {path}"
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {where}: not found")
+    try:
+        if path.endswith(".parquet"):
+            import pyarrow.parquet as pq
+            rows = list(enumerate(pq.read_table(path).to_pylist(), 1))
+        else:
+            rows = []
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rows.append((n, json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        rows.append((n, BadRow("json", f"invalid JSON ({e.msg} at column {e.colno})")))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise SystemExit(f"error: {where}: unreadable ({type(e).__name__}: {e})")
+    if not rows:
+        raise SystemExit(f"error: {where}: no rows")
+    return rows
+
+
+def to_parts(text):
+    """'<image>What is x?' -> [{'type': 'image'}, {'type': 'text', 'text': 'What is x?'}]"""
+    parts = []
+    for i, piece in enumerate(text.split("<image>")):
+        if i > 0:
+            parts.append({"type": "image"})
+        if piece.strip():
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+def parse_row(row, args, base_dir):
+    """A row of the schema (README) -> {messages, images, answer, solution}; raises BadRow.
+    messages are chat messages whose content is a list of parts, one {'type': 'image'} per image."""
+    if not isinstance(row, dict):
+        raise BadRow("row", "not a JSON object")
+    prompt, images = row.get("prompt"), row.get("images")
+    if images is None:
+        images = []
+    if not isinstance(images, (list, tuple)):
+        raise BadRow("images", f"not a list ({type(images).__name__})")
+    if not prompt:
+        raise BadRow("prompt", "missing or empty")
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not all(isinstance(m, dict) and "content" in m for m in prompt):
+        raise BadRow("prompt", "neither a string nor a list of chat messages {role, content}")
+    messages = [{"role": m.get("role", "user"),
+                 "content": to_parts(m["content"]) if isinstance(m["content"], str) else list(m["content"])}
+                for m in prompt]
+    placeholders = sum(p.get("type") == "image" for m in messages for p in m["content"])
+    if placeholders and placeholders != len(images):
+        raise BadRow("prompt", f"{placeholders} <image> placeholders for {len(images)} images")
+    if images and not placeholders:  # images without placeholders go before the first user text
+        user = next(m for m in messages if m["role"] == "user")
+        user["content"] = [{"type": "image"} for _ in images] + user["content"]
+    refs = []
+    for k, im in enumerate(images):
+        if isinstance(im, dict) and im.get("bytes") is not None:
+            refs.append({"bytes": im["bytes"]})
+        elif isinstance(im, (str, dict)) and (im if isinstance(im, str) else im.get("path")):
+            refs.append({"path": os.path.join(base_dir, im if isinstance(im, str) else im["path"])})
+        else:
+            raise BadRow(f"images[{k}]", "neither a path nor a {bytes} / {path} dict")
+    key = args.answer_key
+    answer = row.get(key)
+    if key is None:  # verl's field wins over `answer`: the official reward reads only it
+        verl = row.get("reward_model")
+        answer = verl.get("ground_truth") if isinstance(verl, dict) else None
+        key = "reward_model.ground_truth"
+        if answer is None:
+            answer, key = row.get("answer"), "answer"
+    if not isinstance(answer, (str, int, float)) or isinstance(answer, bool) or not str(answer).strip():
+        raise BadRow(key, "missing or empty (neither reward_model.ground_truth nor answer)")
+    solution = row.get(args.solution_key)
+    if isinstance(solution, (list, tuple)):
+        solution = solution[0] if solution else None
+    if isinstance(solution, dict):
+        solution = solution.get("content")
+    if solution is not None and not isinstance(solution, str):
+        raise BadRow(args.solution_key, f"not a string, list or message ({type(solution).__name__})")
+    if isinstance(row.get("pass_ratio"), (int, float)) and row["pass_ratio"] <= 0:
+        solution = None  # the official data format: no expert for this row
+    return dict(messages=messages, images=refs, answer=str(answer), solution=solution or None)
+
+
+def open_image(ref):
+    from PIL import Image
+    im = Image.open(io.BytesIO(ref["bytes"]) if ref.get("bytes") is not None else ref["path"])
+    return im.convert("RGB")
+
+
+def read_examples(path, args, tok, is_vlm, prepare, say=print, train=True):
+    """Read and check every row before the first step. prepare(example) finishes the prompt (the
+    caller's prompt builder) and returns its length in tokens. With bad rows: one message naming the
+    file, each row and field, then exit 1 (nothing has run yet); with --skip-bad-rows, the rest.
+    The expert's rules (a solution under LUFFY / RL-PLUS, its length) apply to training rows only."""
+    base, good, bad, no_expert = os.path.dirname(os.path.abspath(path)), [], [], 0
+    for n, row in read_rows(path):
+        try:
+            if isinstance(row, BadRow):
+                raise row
+            if not train and isinstance(row, dict):  # validation rows have no expert
+                row = {**row, args.solution_key: None}
+            ex = parse_row(row, args, base)
+            if ex["images"] and not is_vlm:
+                raise BadRow("images", "the model is text-only and takes no images")
+            for k, ref in enumerate(ex["images"]):
+                try:
+                    open_image(ref)
+                except Exception as e:
+                    raise BadRow(f"images[{k}]", f"cannot be read as an image ({type(e).__name__}: {e})"[:200])
+            n_prompt = prepare(ex)
+            if n_prompt > args.max_prompt_length:
+                raise BadRow("prompt", f"{n_prompt} tokens > --max-prompt-length {args.max_prompt_length}")
+            if train and ex["solution"] is None and args.algo in ("luffy", "rlplus"):
+                raise BadRow(args.solution_key, f"missing: --algo {args.algo} needs an expert solution")
+            if ex["solution"] is not None:
+                ids = tok(ex["solution"], add_special_tokens=False)["input_ids"]
+                if len(ids) + 1 > args.max_response_length:  # + the end-of-turn token
+                    raise BadRow(args.solution_key, f"{len(ids) + 1} tokens > --max-response-length "
+                                                    f"{args.max_response_length}")
+            no_expert += ex["solution"] is None
+            good.append(ex)
+        except BadRow as e:
+            bad.append(f"row {n}, field '{e.args[0]}': {e.args[1]}")
+    if bad and not args.skip_bad_rows:
+        more = f"\n  ... and {len(bad) - 20} more bad rows" if len(bad) > 20 else ""
+        raise SystemExit(f"error: data file {path} has {len(bad)} bad rows (fix them, or pass "
+                         "--skip-bad-rows to train on the rest):\n  " + "\n  ".join(bad[:20]) + more)
+    if bad:
+        say(f"warning: {path}: skipped {len(bad)} bad rows of {len(bad) + len(good)}:\n  "
+            + "\n  ".join(bad[:20]))
+    if not good:
+        raise SystemExit(f"error: data file {path}: no usable rows")
+    if train and no_expert and args.algo == "calibrl":  # spec decision 3: l^E = 0 for these prompts
+        say(f"warning: {path}: {no_expert} of {len(good)} rows have no expert solution (l^E = 0 for them)")
+    return good
+
+
+class PromptStream:
+    """Epochs over the data, reshuffled with the seed each epoch or in file order (shuffle=False, the
+    official run). A step never spans two epochs: an epoch's last partial batch is dropped, like
+    verl's drop_last, so one epoch is n // k steps. State: (epoch, pos)."""
+    def __init__(self, n, seed, shuffle=True):
+        self.n, self.seed, self.shuffle, self.epoch, self.pos = n, seed, shuffle, 0, 0
+
+    def take(self, k):
+        if self.pos + k > self.n:  # what is left of this epoch is short of a step
+            self.epoch, self.pos = self.epoch + 1, 0
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+        self.pos += k
+        return order[self.pos - k:self.pos].tolist()
+
+# -----------------------------------------------------------------------------
+# The answer checker's sandbox: math-verify can hang inside C code (sympy on a huge exponent, deep
+# nesting), where no Python timeout reaches it. It runs in a worker process that can be killed.
+
+def _verify_worker(check, conn, parent_end):
+    import logging
+    logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # it warns that its timeouts are off
+    parent_end.close()  # so that recv() ends (EOFError) when the trainer exits
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the trainer's handlers: terminate() must work,
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # and Ctrl-C is the trainer's to handle
+    while True:
+        pred, gt = conn.recv()
+        try:
+            conn.send((check(pred, gt), 0))
+        except Exception:
+            conn.send((0.0, 1))
+
+
+class Verifier:
+    """check(pred, gt) in a worker process, bounded by `timeout` seconds: a check that times out or
+    raises scores 0 and is counted in `failures`; a killed worker is restarted on the next call."""
+    def __init__(self, check, timeout=5.0):
+        self.check, self.timeout, self.proc, self.failures = check, timeout, None, 0
+
+    def __call__(self, pred, gt):
+        import multiprocessing as mp
+        if self.proc is None:
+            ctx = mp.get_context("fork")  # the child only runs sympy: no torch, no CUDA
+            self.conn, child = ctx.Pipe()
+            self.proc = ctx.Process(target=_verify_worker, args=(self.check, child, self.conn), daemon=True)
+            self.proc.start()
+            child.close()
+        self.conn.send((pred, gt))
+        if self.conn.poll(self.timeout):
+            value, failed = self.conn.recv()
+            self.failures += failed
+            return value
+        self.proc.kill()
+        self.proc.join()
+        self.proc, self.failures = None, self.failures + 1
+        return 0.0
+
+# -----------------------------------------------------------------------------
+# Metrics: one line per step on stdout, metrics.jsonl always, TensorBoard on request.
+
+def add(stats, key, value, n=1):
+    """stats[key] = [sum of value * n, sum of n]: a weighted mean, reduced over ranks when logged."""
+    s = stats.setdefault(key, [0.0, 0.0])
+    s[0], s[1] = s[0] + value * n, s[1] + n
+
+
+def reduce_stats(stats):
+    """[sum, n] per key, summed over ranks -> {key: mean}; keys with no data anywhere are dropped.
+    Every rank must hold the same keys (register them with n = 0 where a rank has no data)."""
+    keys = sorted(stats)
+    t = all_sum(torch.tensor([v for k in keys for v in stats[k]], dtype=torch.float64)).view(-1, 2)
+    return {k: s / n for k, (s, n) in zip(keys, t.tolist()) if n}
+
+
+class Logger:
+    def __init__(self, out_dir, rank, tensorboard, steps):
+        self.rank, self.steps, self.t0, self.tb = rank, steps, None, None
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        if rank == 0 and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise SystemExit("error: --tensorboard needs the tensorboard package (pip install tensorboard)")
+            self.tb = SummaryWriter(out_dir)
+
+    def truncate(self, step):
+        """On resume: drop rows logged after the checkpoint (a run killed mid-way logged them)."""
+        if self.rank == 0 and os.path.exists(self.path):
+            rows = [line for line in open(self.path) if json.loads(line)["step"] <= step]
+            open(self.path, "w").writelines(rows)
+
+    def log(self, step, metrics):
+        if self.rank != 0:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.tb:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+        m = metrics
+        if "train/reward" in m:
+            self.t0 = self.t0 or (time.time() - m["time/step"], step - 1)  # for the ETA
+            eta = (time.time() - self.t0[0]) / (step - self.t0[1]) * (self.steps - step)
+            print(f"step {step}/{self.steps} eta {eta / 60:.1f}m | reward {m['train/reward']:.3f} "
+                  f"acc {m['train/accuracy']:.3f} fmt {m['train/format']:.2f} | "
+                  f"ent {m['train/entropy']:.3f} clip {m.get('loss/clipfrac', 0):.3f} "
+                  f"guided {m.get('loss/guided', 0):.4f} | len {m['train/response_length']:.1f} | "
+                  f"t {m['time/rollout']:.1f}/{m['time/logprob']:.1f}/{m['time/update']:.1f}s "
+                  f"{m['perf/tokens_per_sec']:.0f} tok/s", flush=True)
+        if "eval/accuracy" in m:
+            print(f"eval {step:4d} | " + " ".join(f"{k[5:]} {m[k]:.3f}" for k in sorted(m)
+                                                  if k.startswith("eval/")), flush=True)
+
+# -----------------------------------------------------------------------------
+# Checkpoints and exact resume
+
+def rng_state():
+    return dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def save_checkpoint(policy, processor, opt, sched, stream, step, out_dir, rank):
+    """checkpoint-<step>/: the full model in save_pretrained layout (gathered to rank 0) and what a
+    resume needs: state/ (sharded model + optimizer, torch.distributed.checkpoint), rng-<rank>.pt,
+    trainer.json. Written as checkpoint-<step>.tmp and renamed only when complete."""
+    import shutil
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_state_dict)
+    final = os.path.join(out_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # the remains of a run killed while saving
+        os.makedirs(tmp)
+    barrier()
+    model_sd, optim_sd = get_state_dict(policy, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(tmp, "state"))
+    torch.save(rng_state(), os.path.join(tmp, f"rng-{rank}.pt"))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = get_model_state_dict(policy.model, options=options)
+    if rank == 0:
+        policy.model.save_pretrained(tmp, state_dict=full)
+        policy.model.shipped_generation_config.save_pretrained(tmp)  # the folder's, not the sampler's
+        processor.save_pretrained(tmp)
+        with open(os.path.join(tmp, "trainer.json"), "w") as f:
+            json.dump(dict(step=step, epoch=stream.epoch, pos=stream.pos, sched=sched.state_dict()), f)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    barrier()
+    return final
+
+
+def checkpoints(out_dir):
+    """-> [(step, path)] of the complete checkpoints in out_dir, oldest first."""
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    found = [re.fullmatch(r"checkpoint-(\d+)", d) for d in names]
+    return sorted((int(m.group(1)), os.path.join(out_dir, m.group(0))) for m in found if m)
+
+
+def load_checkpoint(policy, opt, sched, stream, path, rank):
+    """Restore everything save_checkpoint wrote; returns the step to continue after."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_sd, optim_sd = get_state_dict(policy, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=os.path.join(path, "state"))
+    set_state_dict(policy, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    with open(os.path.join(path, "trainer.json")) as f:
+        t = json.load(f)
+    stream.epoch, stream.pos = t["epoch"], t["pos"]
+    sched.load_state_dict(t["sched"])
+    rng = torch.load(os.path.join(path, f"rng-{rank}.pt"), weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    return t["step"]
+
+
+def prepare_output_dir(out_dir, args, rank):
+    """Every rank uses rank 0's folder; a folder holding another run's checkpoints is refused unless
+    --resume or --overwrite (which clears it) is given."""
+    if distributed():
+        box = [out_dir]
+        torch.distributed.broadcast_object_list(box)
+        out_dir = box[0]
+    if checkpoints(out_dir) and not (args.resume or args.overwrite or args.eval_only):
+        raise SystemExit(f"error: {out_dir} holds checkpoints of another run; pass --resume to continue "
+                         "it or --overwrite to start afresh")
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        if args.overwrite and not args.resume:
+            import shutil
+            for _, d in checkpoints(out_dir):
+                shutil.rmtree(d)
+            open(os.path.join(out_dir, "metrics.jsonl"), "w").close()
+    barrier()
+    return out_dir
