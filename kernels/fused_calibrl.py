@@ -175,23 +175,28 @@ def _head_fwd_kernel(
     toks = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     tok_ok = toks < N
     hrows = tl.load(hrow_ptr + toks, mask=tok_ok, other=0) if HAS_ROWS else toks
-    tgt = tl.load(tgt_ptr + toks, mask=tok_ok, other=-1)
+    tgt = tl.load(tgt_ptr + toks, mask=tok_ok, other=-1).to(tl.int32)
     m = tl.full((BLOCK_N,), NEG, tl.float32)
     d = tl.zeros((BLOCK_N,), tl.float32)
     a = tl.zeros((BLOCK_N,), tl.float32)
     s_tgt = tl.zeros((BLOCK_N,), tl.float32)
+    # the split's columns are addressed from its own base (w_split, sup_split): no loop-invariant
+    # column vector for the compiler to hoist into registers
     v_lo = split * VS
-    v_hi = tl.minimum(v_lo + VS, V)
-    for v0 in range(v_lo, v_hi, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
-        col_ok = cols < v_hi
+    n_cols = tl.minimum(VS, V - v_lo)
+    w_split = w_ptr + v_lo.to(tl.int64) * H
+    sup_split = sup_ptr + v_lo
+    tgt_rel = tgt - v_lo                                  # target column within the split (int32: V < 2^31)
+    for v0 in range(0, VS, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < n_cols
         live = col_ok
         if HAS_SUP:
-            live = live & (tl.load(sup_ptr + cols, mask=col_ok, other=1) == 0)
-        z = _logits_tile(h_ptr, w_ptr, hrows, cols, tok_ok, col_ok, H, stride_h,
+            live = live & (tl.load(sup_split + cols, mask=col_ok, other=1) == 0)
+        z = _logits_tile(h_ptr, w_split, hrows, cols.to(tl.int64), tok_ok, col_ok, H, stride_h,
                          BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, PRECISION)
         s = tl.where(live[None, :], z * INV_T, NEG)                              # (BLOCK_N, BLOCK_V)
-        s_tgt += tl.sum(tl.where(cols[None, :] == tgt[:, None], s, 0.0), axis=1)
+        s_tgt += tl.sum(tl.where(tgt_rel[:, None] == cols[None, :], s, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(s, axis=1))
         scale = tl.exp(m - m_new)
         e = tl.where(live[None, :], tl.exp(s - m_new[:, None]), 0.0)           # 0 where suppressed / padded
