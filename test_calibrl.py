@@ -687,7 +687,7 @@ def test_logprobs_strided_hidden_is_read_in_place():
     rlogp, rent = calibrl.token_logprobs(hs.to(F64) @ w.to(F64).T, t.view(4, 30)[:, 7:-3], 0.9)
     kclose("logp", logp, rlogp, 1e-5)
     kclose("entropy", ent, rent, 1e-5)
-    assert fused_calibrl._readable_rows(hs) is hs      # the kernels read the slice where it is
+    assert fused_calibrl._readable(hs) is hs           # the kernels read the slice where it is
 
 
 def test_backward_grid_order_is_bit_identical():

@@ -2,53 +2,54 @@
 fused_calibrl.py -- the LM head, log-softmax, Eq. A and the CalibRL loss (Eq. C) in Triton, without
 materialising the logits. Loaded by path (kernels/ is no package): `fused = calibrl.fused_ops()`.
 
-    logp, ent = fused.fused_logprobs(hidden, W, targets, temperature)          # pi_old, l^E, entropy
+    logp, ent = fused.fused_logprobs(hidden, W, targets, temperature)    # pi_old, l^E, entropy
     loss, metrics = fused.fused_policy_loss(hidden, W, targets, old_logp, mask, rewards, group_ids,
-                                            expert_logp=lE, expert_rows=is_exp, num_tokens=n_minibatch)
+                                            expert_logp=lE, expert_rows=is_exp, num_tokens=n)
     loss, metrics = fused.fused_policy_loss_tokens(h, W, tgt, old, row_ids, lE, advantages=A,
-                                                   passed=ok, expert_rows=is_exp)       # packed tokens
+                                                   passed=ok, expert_rows=is_exp)  # packed
     adv, passed = fused.fused_group_advantages(rewards, group_ids, expert_rows, std_normalize)
 
 Shapes: R rows (responses; a group = the rows of one prompt, the expert row included), T response
-positions, N tokens, H hidden, V vocab, S vocab splits of the forward, VC vocab columns of one backward
-chunk. hidden[r, t] is the state whose logits predict token targets[r, t] (the caller already shifted
-by one). s = z / temperature are the tempered logits z = hidden @ W^T, p = softmax(s),
-lse = log sum_j exp(s_j), ent = -sum_j p_j log p_j.
+positions, N tokens, H hidden, V vocab, S vocab splits of the forward, VC vocab columns of one
+backward chunk. hidden[r, t] is the state whose logits predict token targets[r, t] (the caller
+already shifted by one). s = z / temperature are the tempered logits z = hidden @ W^T, p =
+softmax(s), lse = log sum_j exp(s_j), ent = -sum_j p_j log p_j.
 
 Entry points. `fused_policy_loss_tokens` is the packed form: N valid tokens only, hidden (N, H),
 targets / old_logp / expert_logp / row_ids (N,), where row_ids maps each token to its row and the
-per-row vectors (rewards, group_ids or advantages, passed, expert_rows) are (R,). The loss is
+per-row vectors (rewards, group_ids or advantages, passed, expert_rows) are (R,). The loss is the
 sum over counted tokens of the Eq. C terms / num_tokens (default: the counted tokens of this call),
-with the metrics of calibrl.policy_loss. `fused_policy_loss` takes hidden (R, T, H) and a (R, T) mask
-and wraps it: it hands over the valid tokens by index, without copying hidden (also when hidden is a
-strided slice such as h[:, L-1:-1]). `suppress_ids` are token ids the sampler can never produce
+with the metrics of calibrl.policy_loss. `fused_policy_loss` takes hidden (R, T, H) and an (R, T)
+mask and wraps it: it hands over the valid tokens by index, without copying hidden (also when hidden
+is a strided slice such as h[:, L-1:-1]). `suppress_ids` are token ids the sampler can never produce
 (Qwen's vision tokens): their logits count as -inf everywhere (log-softmax, entropy, gradient), so
 pi_old and the update score exactly the sampler's distribution.
 
-What runs where. Forward: `_head_fwd_kernel` runs a (token block x vocab split) grid, each program
+What runs where. Forward: `_head_fwd_kernel` runs a (vocab split x token block) grid, each program
 streaming (BLOCK_N x BLOCK_V) logit tiles of its split through an online max / sum-exp / entropy sum
 and picking the target logit; `_loss_fwd_kernel` merges the S partials per token (lse, log pi,
 entropy) and, in the same pass, evaluates Eq. C and its derivative dL/dlog pi (the loss is
-elementwise in log pi), plus per-block sums for the loss and the metrics. Saved for the backward: lse
-and dL/dlog pi (fp32, N each). Backward: `_head_bwd_kernel` recomputes the logits of one vocab chunk
-for all tokens with a gradient and writes dL/dz; two cuBLAS GEMMs follow per chunk: dW[chunk] =
-dz^T @ hidden over all tokens (fp32 accumulate, written once in W's dtype) and dH += dz @ W[chunk]
+elementwise in log pi), plus per-block sums for the loss and the metrics. Saved for the backward:
+lse and dL/dlog pi (fp32, N each). Backward: `_head_bwd_kernel` recomputes the logits of one vocab
+chunk for all tokens with a gradient and writes dL/dz; two cuBLAS GEMMs follow per chunk: dW[chunk]
+= dz^T @ hidden over all tokens (fp32 accumulate, written once in W's dtype) and dH += dz @ W[chunk]
 into an fp32 (n, H) accumulator. No fp32 (V, H) buffer exists. Eq. A is `_advantages_fwd_kernel`.
 
 Memory traffic at the Qwen2.5-VL-3B head shape (N = 32768, H = 2048, V = 151936, bf16). The FLOP
 floor is 8NHV = 81.6 TFLOP (2NHV forward, 2NHV logits recomputed, 2NHV each for dH and dW), about
 103 ms at the ~790 TFLOP/s an H200 sustains on dense bf16. The compulsory HBM traffic is 2.3 GB
-(hidden 0.13 GB and W 0.62 GB read twice, dH and dW written once). This design moves about 76 GB
-(estimated from the tiling, not measured): forward ~9.8 GB (each W tile is read from HBM once per
-~16 concurrent token blocks: 256 / 16.5 = 15.5 passes over W; the token blocks' hidden stays in L2);
-backward ~66 GB, of which dz is 10 GB written and 20 GB read back by the two GEMMs, hidden is re-read
-once per vocab chunk (38 chunks: 5 GB for the dz kernel, 5 GB for the dW GEMMs) and the fp32 dH
-accumulator is read and written once per chunk (20 GB). Every kernel stays above 650 FLOP per HBM
-byte (forward ~2,100, dz ~1,300, dW ~1,100, dH ~660) against the H200's ridge of ~165 (790 TFLOP/s
-/ 4.8 TB/s), so each is compute-bound; the tiles' L2-to-SM traffic (~320 GB per pass at 128 x 128
-tiles) is what larger tiles would cut. Extra memory: dz chunk 256 MB + dH accumulator 256 MB + a
-32 MB dW chunk in fp32 (and, where torch lacks addmm(out_dtype=fp32) into an fp32 input, 32 MB row
-slices of dH), ~0.55 GB above the inputs and the returned gradients.
+(hidden 0.13 GB and W 0.62 GB read twice, dH and dW written once): that is the floor, not this
+design, which moves about 76 GB (estimated from the tiling, not measured): forward ~9.8 GB (each W
+tile is read from HBM once per ~16 concurrent token blocks, 256 / 16.5 = 15.5 passes over W, while
+the blocks' hidden stays in L2); backward ~66 GB, of which dz is 10 GB written and 20 GB read back
+by the two GEMMs, hidden is re-read once per vocab chunk (38 chunks: 5 GB for the dz kernel, 5 GB
+for the dW GEMMs) and the fp32 dH accumulator is read and written once per chunk (20 GB; 41 GB where
+torch cannot addmm into it in place). Every kernel stays above 650 FLOP per HBM byte (forward
+~2,100, dz ~1,300, dW ~1,100, dH ~660) against the H200's ridge of ~165 (790 TFLOP/s / 4.8 TB/s), so
+each is compute-bound; the tiles' L2-to-SM traffic (~320 GB per pass at 128 x 128 tiles) is what
+larger tiles would cut. Extra memory: dz chunk 256 MB + dH accumulator 256 MB + a 32 MB dW chunk in
+fp32 (+ 32 MB dH row slices without the in-place addmm), ~0.55 GB above the inputs and the returned
+gradients.
 
 Departures from the readable path (calibrl.token_logprobs / group_advantages / policy_loss):
  1. z is accumulated in fp32 from the dtype of hidden / W (the readable path rounds bf16 logits to
@@ -59,9 +60,9 @@ Departures from the readable path (calibrl.token_logprobs / group_advantages / p
  3. Padding tokens never reach the head, and tokens whose dL/dlog pi is exactly 0 (expert rows under
     CalibRL / GRPO, A = 0) are skipped in the backward. Neither changes a value or a gradient.
  4. The mask is 0/1: a token with mask > 0 counts once (the readable loss multiplies by its value).
- 5. Eq. A runs in fp32 on arbitrary group ids. The group mean is r_1 + mean(r - r_1), r_1 the group's
-    first on-policy reward, so a group of equal rewards gets A = 0 exactly (also with std) and its
-    expert row A_E = r_E - r exactly (without std). A group with no on-policy row has mu = 0.
+ 5. Eq. A runs in fp32 on arbitrary group ids. The group mean is r_1 + mean(r - r_1), r_1 the
+    group's first on-policy reward, so a group of equal rewards gets A = 0 exactly (also with std)
+    and its expert row A_E = r_E - r exactly (without std). A group without on-policy rows: mu = 0.
 """
 import os
 
@@ -69,9 +70,9 @@ import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # CPU tensors run through Triton's numpy interpreter
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # CPU tensors: Triton's numpy interpreter
 CHUNK_ELEMS = 2 ** 27   # dL/dz chunk budget in elements: 256 MB in bf16 (VC = 4096 at N = 32768)
-DH_SLICE_ELEMS = 2 ** 23   # fp32 temporary of one dH row slice where addmm cannot accumulate in place: 32 MB
+DH_SLICE_ELEMS = 2 ** 23   # 32 MB fp32 dH row slice, where addmm cannot accumulate in place
 NEG = tl.constexpr(-1e30)  # "minus infinity" that keeps 0 * NEG = 0 in the online updates (no nan)
 ALGOS = {"calibrl": 0, "grpo": 1, "luffy": 2, "rlplus": 3}
 STATS = ("loss", "counted", "on", "clip", "dualclip", "ratio", "ppo", "guided", "kl", "max_dev")
@@ -79,6 +80,14 @@ STATS = ("loss", "counted", "on", "clip", "dualclip", "ratio", "ppo", "guided", 
 
 # -----------------------------------------------------------------------------
 # Eq. A: group-normalised advantages
+
+@triton.jit
+def _same_group(gi, gid_ptr, exp_ptr, j, R):
+    """(BLOCK_I, BLOCK_J) bool: row j is an on-policy row of row i's group."""
+    gj = tl.load(gid_ptr + j, mask=j < R, other=-1)
+    ej = tl.load(exp_ptr + j, mask=j < R, other=1)
+    return (gi[:, None] == gj[None, :]) & (ej == 0)[None, :] & (j < R)[None, :]
+
 
 @triton.jit
 def _advantages_fwd_kernel(
@@ -100,30 +109,24 @@ def _advantages_fwd_kernel(
     first = tl.full((BLOCK_I,), 2147483647, tl.int32)  # index of its first on-policy row
     for j0 in range(0, R, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)
-        gj = tl.load(gid_ptr + j, mask=j < R, other=-1)
-        ej = tl.load(exp_ptr + j, mask=j < R, other=1)
-        same = (gi[:, None] == gj[None, :]) & (ej == 0)[None, :] & (j < R)[None, :]   # (BLOCK_I, BLOCK_J)
+        same = _same_group(gi, gid_ptr, exp_ptr, j, R)
         n += tl.sum(same.to(tl.int32), axis=1)
         first = tl.minimum(first, tl.min(tl.where(same, j[None, :], 2147483647), axis=1))
     r1 = tl.load(r_ptr + first, mask=i_ok & (n > 0), other=0.0)
     dsum = tl.zeros((BLOCK_I,), tl.float32)
     for j0 in range(0, R, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)
-        gj = tl.load(gid_ptr + j, mask=j < R, other=-1)
-        ej = tl.load(exp_ptr + j, mask=j < R, other=1)
+        same = _same_group(gi, gid_ptr, exp_ptr, j, R)
         rj = tl.load(r_ptr + j, mask=j < R, other=0.0)
-        same = (gi[:, None] == gj[None, :]) & (ej == 0)[None, :] & (j < R)[None, :]
         dsum += tl.sum(tl.where(same, rj[None, :] - r1[:, None], 0.0), axis=1)
     mu = r1 + dsum / tl.maximum(n, 1).to(tl.float32)   # Eq. A: mean of the on-policy rewards
-    adv = ri - mu                                       # a lone on-policy row: exactly 0 (decision 5)
+    adv = ri - mu                                   # a lone on-policy row: exactly 0 (decision 5)
     if STD:
         sq = tl.zeros((BLOCK_I,), tl.float32)
         for j0 in range(0, R, BLOCK_J):
             j = j0 + tl.arange(0, BLOCK_J)
-            gj = tl.load(gid_ptr + j, mask=j < R, other=-1)
-            ej = tl.load(exp_ptr + j, mask=j < R, other=1)
+            same = _same_group(gi, gid_ptr, exp_ptr, j, R)
             rj = tl.load(r_ptr + j, mask=j < R, other=0.0)
-            same = (gi[:, None] == gj[None, :]) & (ej == 0)[None, :] & (j < R)[None, :]
             dev = tl.where(same, rj[None, :] - mu[:, None], 0.0)
             sq += tl.sum(dev * dev, axis=1)
         std = tl.sqrt(sq / tl.maximum(n - 1, 1).to(tl.float32))     # unbiased, like torch.std
@@ -143,8 +146,10 @@ def _logits_tile(h_ptr, w_ptr, hrows, cols, row_ok, col_ok, H, stride_h,
     for k0 in range(0, H, BLOCK_H):
         ks = k0 + tl.arange(0, BLOCK_H)
         k_ok = ks < H
-        h = tl.load(h_ptr + hrows[:, None] * stride_h + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + cols[None, :] * H + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        h = tl.load(h_ptr + hrows[:, None] * stride_h + ks[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)        # (BLOCK_N, BLOCK_H)
+        w = tl.load(w_ptr + cols[None, :] * H + ks[:, None],
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)        # (BLOCK_H, BLOCK_V)
         if UPCAST:  # the interpreter's bf16 dot is broken: compute it in fp32 there
             h, w = h.to(tl.float32), w.to(tl.float32)
         z = tl.dot(h, w, z, input_precision=PRECISION)                          # (BLOCK_N, BLOCK_V)
@@ -169,8 +174,8 @@ def _head_fwd_kernel(
     # Grid (S, token blocks), splits fastest: the S programs that run together share one hidden
     # block (read from HBM once, then from L2) and ~132 / S token blocks share each W tile.
     # Online update per tile: with m' = max(m, max s), d' = d e^(m-m') + sum e^(s-m') and
-    # a' = e^(m-m') (a + d (m - m')) + sum e^(s-m') (s - m'); later lse = m + log d, ent = log d - a/d
-    # (no difference of two large numbers).
+    # a' = e^(m-m') (a + d (m - m')) + sum e^(s-m') (s - m'); later lse = m + log d and
+    # ent = log d - a/d (no difference of two large numbers).
     split = tl.program_id(0)
     toks = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     tok_ok = toks < N
@@ -186,7 +191,7 @@ def _head_fwd_kernel(
     n_cols = tl.minimum(VS, V - v_lo)
     w_split = w_ptr + v_lo.to(tl.int64) * H
     sup_split = sup_ptr + v_lo
-    tgt_rel = tgt - v_lo                                  # target column within the split (int32: V < 2^31)
+    tgt_rel = tgt - v_lo                                  # target column within the split
     for v0 in range(0, VS, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < n_cols
@@ -195,11 +200,11 @@ def _head_fwd_kernel(
             live = live & (tl.load(sup_split + cols, mask=col_ok, other=1) == 0)
         z = _logits_tile(h_ptr, w_split, hrows, cols.to(tl.int64), tok_ok, col_ok, H, stride_h,
                          BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, PRECISION)
-        s = tl.where(live[None, :], z * INV_T, NEG)                              # (BLOCK_N, BLOCK_V)
+        s = tl.where(live[None, :], z * INV_T, NEG)                          # (BLOCK_N, BLOCK_V)
         s_tgt += tl.sum(tl.where(tgt_rel[:, None] == cols[None, :], s, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(s, axis=1))
         scale = tl.exp(m - m_new)
-        e = tl.where(live[None, :], tl.exp(s - m_new[:, None]), 0.0)           # 0 where suppressed / padded
+        e = tl.where(live[None, :], tl.exp(s - m_new[:, None]), 0.0)       # 0: suppressed / padded
         a = scale * (a + d * (m - m_new)) + tl.sum(e * (s - m_new[:, None]), axis=1)
         d = scale * d + tl.sum(e, axis=1)
         m = m_new
@@ -263,8 +268,8 @@ def _loss_fwd_kernel(
         log_ratio = logp - old
         rho = tl.exp(log_ratio)
         # Eq. C, dual-clip PPO: max(-A rho, -A clip(rho)); for A < 0 also capped at -A c.
-        # d/dlog pi: -A rho where the unclipped branch is the max (torch.maximum splits a tie in half,
-        # and ties only occur inside the clip range, where both branches have slope -A rho);
+        # d/dlog pi: -A rho where the unclipped branch is the max (torch.maximum splits a tie in
+        # half, and ties only occur inside the clip range, where both branches have slope -A rho);
         # 0 where the clipped branch wins or the cap binds (half at an exact tie with the cap).
         pg1 = -A * rho
         pg2 = -A * tl.minimum(tl.maximum(rho, 1.0 - CLIP_LOW), 1.0 + CLIP_HIGH)
@@ -279,8 +284,8 @@ def _loss_fwd_kernel(
         g = tl.zeros((BLOCK_M,), tl.float32)
         counted = on
         if ALGO == 0:
-            # Eq. C, guided term: g = |A| LeakyReLU_alpha(-s (log pi - l^E)), s = +1 passed, -1 failed;
-            # dg/dlog pi = |A| (1 if the argument is > 0 else alpha) (-s)   (PyTorch: alpha at 0)
+            # Eq. C, guided term: g = |A| LeakyReLU_alpha(-s (log pi - l^E)), s = +1 passed,
+            # -1 failed; dg/dlog pi = |A| (1 if the argument is > 0 else alpha) (-s) (alpha at 0)
             sgn = tl.where(tl.load(pass_ptr + row, mask=ok, other=0) != 0, 1.0, -1.0)
             x = -sgn * (logp - tl.load(base_ptr + toks, mask=ok, other=0.0))
             g = tl.abs(A) * tl.where(x > 0, x, ALPHA * x)
@@ -294,10 +299,11 @@ def _loss_fwd_kernel(
                 off = -A * p / (p + 0.1)
                 d_off = -A * 0.1 * p / ((p + 0.1) * (p + 0.1))
             else:
-                # RL-PLUS: -A_E w sg[(1 - p)^0.5], w = 2p / (pi_old + (pi_old + 1) / 2); linear in p,
-                # so d/dlog pi = the term itself
+                # RL-PLUS: -A_E w sg[(1 - p)^0.5], w = 2p / (pi_old + (pi_old + 1) / 2); linear
+                # in p, so d/dlog pi = the term itself
                 p_old = tl.exp(old)
-                off = -A * (2.0 * p / (p_old + 0.5 * (p_old + 1.0))) * tl.sqrt(tl.maximum(1.0 - p, 0.0))
+                w = 2.0 * p / (p_old + 0.5 * (p_old + 1.0))
+                off = -A * w * tl.sqrt(tl.maximum(1.0 - p, 0.0))
                 d_off = off
             tok += tl.where(is_exp, off, 0.0)
             dtok += tl.where(is_exp, d_off, 0.0)
@@ -367,10 +373,10 @@ def _head_bwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # Grid (vocab tiles of the chunk, token blocks), vocab tiles fastest: consecutive programs reuse one
-    # hidden block from L2 and the chunk's W (VC x H, 16 MB at VC = 4096) stays in L2 for the whole sweep.
-    _dz_tile(tl.program_id(1), tl.program_id(0), h_ptr, w_ptr, tgt_ptr, lse_ptr, g_ptr, ent_ptr, gh_ptr,
-             sup_ptr, dz_ptr, N, H, stride_h, v0, VC, INV_T, HAS_GH, HAS_SUP,
+    # Grid (vocab tiles of the chunk, token blocks), vocab tiles fastest: consecutive programs reuse
+    # one hidden block from L2, and the chunk's W (VC x H, 16 MB at VC = 4096) stays in L2.
+    _dz_tile(tl.program_id(1), tl.program_id(0), h_ptr, w_ptr, tgt_ptr, lse_ptr, g_ptr, ent_ptr,
+             gh_ptr, sup_ptr, dz_ptr, N, H, stride_h, v0, VC, INV_T, HAS_GH, HAS_SUP,
              BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, PRECISION)
 
 
@@ -378,26 +384,30 @@ def _head_bwd_kernel(
 # Host launchers
 
 def _config(dtype):
-    """One fixed configuration per target (a sweep script explores others, off the reading path).
-    GPU (H100 / H200): 128 x 128 x 64 tiles, 8 warps, 3 stages use 96 KB of shared memory without
-    spills; S = 8 vocab splits keep 132 SMs busy from ~2k tokens (N / 128 x 8 programs) while 16 token
-    blocks still share each W tile. The interpreter's cost is per operation: few, large blocks, and
-    S = 2 so that the tests exercise the merge."""
+    """One fixed configuration per target (kernels/sweep.py explores others, off the reading path).
+    GPU (H100 / H200, compiled for sm_90a): 128 x 128 x 64 bf16 tiles, 8 warps, 3 stages use 96 KB
+    of shared memory and 185 registers without spills (fp32: 64-token blocks, 196 registers); S = 8
+    vocab splits fill 132 SMs from ~2k tokens (N / 128 x 8 programs) while ~16 token blocks still
+    share each W tile. The interpreter's cost is per operation: few, large blocks, and S = 2 so that
+    the tests exercise the merge."""
     precision = "ieee" if dtype == torch.float32 else "tf32"   # "tf32" is ignored for 16-bit inputs
     if INTERPRET:
-        return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, UPCAST=dtype == torch.bfloat16, PRECISION=precision,
-                    SPLITS=2, BLOCK_M=128, BLOCK_R=8)
-    return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=32 if dtype == torch.float32 else 64, UPCAST=False,
+        return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, UPCAST=dtype == torch.bfloat16,
+                    PRECISION=precision, SPLITS=2, BLOCK_M=128, BLOCK_R=8)
+    fp32 = dtype == torch.float32
+    return dict(BLOCK_N=64 if fp32 else 128, BLOCK_V=128, BLOCK_H=32 if fp32 else 64, UPCAST=False,
                 PRECISION=precision, num_warps=8, num_stages=3, SPLITS=8, BLOCK_M=512, BLOCK_R=64)
 
 
 def _tile_cfg(cfg):
-    return {k: cfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H", "UPCAST", "PRECISION", "num_warps", "num_stages")
-            if k in cfg}
+    keys = ("BLOCK_N", "BLOCK_V", "BLOCK_H", "UPCAST", "PRECISION", "num_warps", "num_stages")
+    return {k: cfg[k] for k in keys if k in cfg}
 
 
-def _check_device(*tensors):
-    if not all(t.is_cuda for t in tensors) and not INTERPRET:
+def _check_inputs(hidden, weight):
+    assert hidden.dtype == weight.dtype, f"hidden {hidden.dtype} and weight {weight.dtype} differ"
+    assert hidden.shape[-1] == weight.shape[1], "hidden (..., H) and weight (V, H)"
+    if not (hidden.is_cuda and weight.is_cuda) and not INTERPRET:
         raise RuntimeError("CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
 
 
@@ -407,15 +417,14 @@ def fused_group_advantages(rewards, group_ids, expert_rows=None, std_normalize=F
     accuracy 1; never r > 0.1, see the spec)."""
     R = rewards.shape[0]
     r = rewards.detach().float().contiguous()
-    _check_device(r)
     gid = group_ids.to(device=r.device, dtype=torch.int64).contiguous()
-    ex = (torch.zeros(R, dtype=torch.int8, device=r.device) if expert_rows is None
-          else expert_rows.to(device=r.device, dtype=torch.int8).contiguous())
+    ex = torch.zeros(R, dtype=torch.int8, device=r.device) if expert_rows is None else \
+        expert_rows.to(device=r.device, dtype=torch.int8).contiguous()
     adv = torch.empty(R, device=r.device, dtype=torch.float32)
     if R:
         blk = _config(torch.float32)["BLOCK_R"]
-        _advantages_fwd_kernel[(triton.cdiv(R, blk),)](r, gid, ex, adv, R, STD=bool(std_normalize), EPS=float(eps),
-                                                       BLOCK_I=blk, BLOCK_J=blk)
+        _advantages_fwd_kernel[(triton.cdiv(R, blk),)](r, gid, ex, adv, R, STD=bool(std_normalize),
+                                                       EPS=float(eps), BLOCK_I=blk, BLOCK_J=blk)
     return adv, rewards > 0.5
 
 
@@ -428,63 +437,74 @@ def _suppress_mask(suppress_ids, V, device):
     return sup
 
 
-def _rows_view(hidden):
-    """The 2-D view over hidden's storage that the kernels read: (N, H) as it is; (R, T, H) with
-    strides (k s, s, 1) as rows of stride s, row r * k + t holding position (r, t). -> (h2, k)."""
-    if hidden.dim() == 2:
-        return hidden, None
-    R, T, H = hidden.shape
-    s0, s1, _ = hidden.stride()
-    k = s0 // s1
-    if k == T:
-        return hidden.view(R * T, H), k
-    return hidden.as_strided(((R - 1) * k + T, H), (s1, 1)), k
+# hidden is read where it lies. (N, H) with unit stride on H is read as is; (R, T, H) with strides
+# (k s, s, 1), e.g. h[:, L-1:-1] of a (R, L + T, H) tensor, is read as rows of stride s over its
+# storage, position (r, t) in row r * k + t. Anything else is copied once (_readable).
 
-
-def _readable_rows(hidden):
-    """hidden itself when the kernels can read it in place (unit stride on H; for 3-D, rows at a
-    fixed stride with s0 a multiple of s1), else a contiguous copy."""
+def _readable(hidden):
     ok = hidden.stride(-1) == 1
     if hidden.dim() == 3 and hidden.numel():
         s0, s1, _ = hidden.stride()
-        ok = ok and s1 > 0 and s0 % s1 == 0   # position (r, t) at (r * s0 / s1 + t) * s1
+        ok = ok and s1 > 0 and s0 % s1 == 0
     return hidden if ok else hidden.contiguous()
 
 
+def _rows_view(hidden):
+    """-> (h2, k): the 2-D view of hidden's storage that the kernels read, and k (None for 2-D)."""
+    if hidden.dim() == 2:
+        return hidden, None
+    R, T, H = hidden.shape
+    k = hidden.stride(0) // hidden.stride(1) if hidden.numel() else T
+    if k == T:
+        return hidden.reshape(R * T, H), k
+    return hidden.as_strided(((R - 1) * k + T, H), (hidden.stride(1), 1)), k
+
+
+def _token_rows(hidden, pos):
+    """Row of _rows_view(hidden) for each token at flat position pos = r * T + t (None: all
+    positions) -> (N,) int64, or None when token k is row k."""
+    k = _rows_view(hidden)[1]
+    T = hidden.shape[1] if hidden.dim() == 3 else None
+    if k == T:
+        return pos
+    if pos is None:
+        pos = torch.arange(hidden.shape[0] * T, device=hidden.device)
+    return pos // T * k + pos % T
+
+
 def _head_fwd(hidden, hrow, weight, targets, inv_t, sup, loss=None):
-    """Forward of the head for N tokens. hidden: the tensor as given ((N, H) or (R, T, H)); hrow (N,)
-    row of _rows_view(hidden) per token or None (token k = row k). loss: None, or the per-token and
-    per-row loss inputs. -> lse, logp, ent (N,) fp32 and, with loss, dlogp (N,) and stats (10,)."""
+    """Forward of the head for N tokens, read at rows hrow of _rows_view(hidden) (None: row k).
+    loss: None, or the per-token / per-row inputs of Eq. C and its constants.
+    -> lse, logp, ent, dlogp (N,) fp32 and stats (10,) in the order of STATS."""
     h2, _ = _rows_view(hidden)
     N, H, V = targets.shape[0], h2.shape[1], weight.shape[0]
     dev = h2.device
-    lse, logp, ent = (torch.empty(N, device=dev, dtype=torch.float32) for _ in range(3))
+    lse, logp, ent, dlogp = (torch.empty(N, device=dev, dtype=torch.float32) for _ in range(4))
     cfg = _config(h2.dtype)
     blocks = triton.cdiv(N, cfg["BLOCK_M"])
-    dlogp = torch.empty(N, device=dev, dtype=torch.float32)
     stats = torch.zeros(max(blocks, 1), len(STATS), device=dev, dtype=torch.float32)
     if N:   # an all-padding micro-batch has no token to score
-        vs = triton.cdiv(triton.cdiv(V, cfg["SPLITS"]), cfg["BLOCK_V"]) * cfg["BLOCK_V"]   # columns per split
+        bv = cfg["BLOCK_V"]
+        vs = triton.cdiv(triton.cdiv(V, cfg["SPLITS"]), bv) * bv     # columns per split
         S = triton.cdiv(V, vs)
         part = torch.empty(4, S, N, device=dev, dtype=torch.float32)
         _head_fwd_kernel[(S, triton.cdiv(N, cfg["BLOCK_N"]))](
-            h2, targets if hrow is None else hrow, weight, targets, targets if sup is None else sup, part,
-            N, V, H, h2.stride(0), vs, INV_T=inv_t, HAS_ROWS=hrow is not None, HAS_SUP=sup is not None,
-            **_tile_cfg(cfg))
-        L = loss or {}
-        dummy = lse
+            h2, targets if hrow is None else hrow, weight, targets, targets if sup is None else sup,
+            part, N, V, H, h2.stride(0), vs, INV_T=inv_t, HAS_ROWS=hrow is not None,
+            HAS_SUP=sup is not None, **_tile_cfg(cfg))
+        L = loss or dict(old=lse, base=lse, row=targets, adv=lse, passed=targets, expert=targets,
+                         algo=0, clip_low=0.0, clip_high=0.0, clip_c=0.0, alpha=0.0, lam=0.0)
         _loss_fwd_kernel[(blocks,)](
-            part, lse, logp, ent, L.get("old", dummy), L.get("base", dummy), L.get("row", targets),
-            L.get("adv", dummy), L.get("passed", targets), L.get("expert", targets), dlogp, stats, N, S,
-            LOSS=loss is not None, ALGO=L.get("algo", 0), CLIP_LOW=L.get("clip_low", 0.0),
-            CLIP_HIGH=L.get("clip_high", 0.0), CLIP_C=L.get("clip_c", 0.0), ALPHA=L.get("alpha", 0.0),
-            LAM=L.get("lam", 0.0), BLOCK_M=cfg["BLOCK_M"])
-    st = torch.cat([stats[:, :9].sum(0), stats[:, 9].max(0, keepdim=True).values])   # (10,) fixed-order sums
+            part, lse, logp, ent, L["old"], L["base"], L["row"], L["adv"], L["passed"], L["expert"],
+            dlogp, stats, N, S, LOSS=loss is not None, ALGO=L["algo"], CLIP_LOW=L["clip_low"],
+            CLIP_HIGH=L["clip_high"], CLIP_C=L["clip_c"], ALPHA=L["alpha"], LAM=L["lam"],
+            BLOCK_M=cfg["BLOCK_M"])
+    st = torch.cat([stats[:, :9].sum(0), stats[:, 9].max(0, keepdim=True).values])   # fixed order
     return lse, logp, ent, dlogp, st
 
 
 def _mm_fp32(a, b):
-    """a @ b accumulated and returned in fp32: on CUDA a 16-bit cuBLAS GEMM with fp32 output (torch >= 2.8)."""
+    """a @ b accumulated and returned in fp32: on CUDA a 16-bit cuBLAS GEMM with fp32 output."""
     if a.dtype == torch.float32:
         return a @ b
     if a.is_cuda:
@@ -496,7 +516,7 @@ _ADDMM_INTO_FP32 = True   # torch.addmm(fp32 C, 16-bit A, B, out_dtype=fp32): ne
 
 
 def _addmm_fp32_(acc, a, b):
-    """acc (fp32) += a @ b with fp32 accumulation: in place where torch allows an fp32 input to a
+    """acc (fp32) += a @ b with fp32 accumulation: in place where torch takes an fp32 input to a
     16-bit addmm, else in row slices through a small fp32 temporary (never a full (n, H) one)."""
     global _ADDMM_INTO_FP32
     if a.dtype == torch.float32:
@@ -514,21 +534,21 @@ def _addmm_fp32_(acc, a, b):
 
 
 def _head_bwd(hidden, hrow, dpos, weight, targets, lse, g, ent, gh, inv_t, sup, need_dh, need_dw):
-    """dH (shaped like hidden, zero on tokens it did not score) and dW from the upstream gradients g of
-    log pi and gh of the entropy (N,) each, gh may be None. dpos (N,): row of the flattened dH that
-    token k's gradient goes to, None for row k."""
+    """dH (shaped like hidden, zero where no token was scored) and dW from the upstream gradients
+    g of log pi and gh of the entropy, (N,) each; gh may be None. dpos (N,): the row of the
+    flattened dH that token k's gradient goes to (None: row k)."""
     h2, _ = _rows_view(hidden)
     N, H, V = targets.shape[0], h2.shape[1], weight.shape[0]
     live = (g != 0) if gh is None else (g != 0) | (gh != 0)    # (N,) tokens that carry a gradient
-    idx = live.nonzero().squeeze(1)                             # one host sync; skips A = 0 and expert rows
+    idx = live.nonzero().squeeze(1)                  # one host sync; skips A = 0 and expert rows
     n = idx.numel()
     if n == N and hrow is None:
-        h = h2                                                  # every token live: hidden itself, no copy
+        h = h2                                                  # every token live: hidden, no copy
     else:
-        h = h2[idx if hrow is None else hrow[idx]]              # (n, H) the live rows, for the GEMMs
+        h = h2[idx if hrow is None else hrow[idx]]              # (n, H) live rows, for the GEMMs
         targets, lse, g = targets[idx], lse[idx], g[idx]
         ent, gh = (None, None) if gh is None else (ent[idx], gh[idx])
-    # scale the upstream gradients to max 1 by a power of two (exact): keeps fp16 dz out of subnormals
+    # scale the upstream gradients to max 1 by a power of two (exact): fp16 dz stays normal
     gmax = g.abs().max() if n else g.new_ones(())
     if gh is not None and n:
         gmax = torch.maximum(gmax, gh.abs().max())
@@ -543,12 +563,13 @@ def _head_bwd(hidden, hrow, dpos, weight, targets, lse, g, ent, gh, inv_t, sup, 
     buf = torch.empty(n * min(vc, V), device=h.device, dtype=h.dtype)
     for v0 in range(0, V if n else 0, vc):
         c = min(vc, V - v0)
-        dz = buf[: n * c].view(n, c)                                            # (n, c) one chunk of dL/dz
-        grid = (triton.cdiv(c, bv), triton.cdiv(n, cfg["BLOCK_N"]))             # vocab tiles fastest
-        _head_bwd_kernel[grid](h, weight, targets, lse, g, lse if ent is None else ent, g if gh is None else gh,
-                               targets if sup is None else sup, dz, n, H, h.stride(0), v0, c,
-                               INV_T=inv_t, HAS_GH=gh is not None, HAS_SUP=sup is not None, **_tile_cfg(cfg))
-        if need_dw:   # one GEMM over all tokens (fp32, no split-K in 16 bits), rescaled into W's dtype
+        dz = buf[: n * c].view(n, c)                                  # (n, c) one chunk of dL/dz
+        grid = (triton.cdiv(c, bv), triton.cdiv(n, cfg["BLOCK_N"]))         # vocab tiles fastest
+        _head_bwd_kernel[grid](h, weight, targets, lse, g, lse if ent is None else ent,
+                               g if gh is None else gh, targets if sup is None else sup, dz,
+                               n, H, h.stride(0), v0, c, INV_T=inv_t, HAS_GH=gh is not None,
+                               HAS_SUP=sup is not None, **_tile_cfg(cfg))
+        if need_dw:   # one GEMM over all tokens (fp32, no 16-bit split-K), rescaled into W's dtype
             torch.mul(_mm_fp32(dz.T, h), scale, out=dw[v0:v0 + c])
         if need_dh:   # accumulated across chunks in fp32
             _addmm_fp32_(acc, dz, weight[v0:v0 + c])
@@ -556,7 +577,7 @@ def _head_bwd(hidden, hrow, dpos, weight, targets, lse, g, ent, gh, inv_t, sup, 
     if not need_dh:
         return None, dw
     acc.mul_(scale)
-    shape, M = hidden.shape, hidden.shape[:-1].numel()     # dH is returned shaped like hidden: M rows
+    shape, M = hidden.shape, hidden.shape[:-1].numel()     # dH is returned shaped like hidden
     if n == N == M and dpos is None:                         # every row scored and live: no scatter
         return (acc if acc.dtype == hidden.dtype else acc.to(hidden.dtype)).view(shape), dw
     dh = torch.zeros(M, H, device=h.device, dtype=hidden.dtype)
@@ -573,19 +594,20 @@ def _head_bwd(hidden, hrow, dpos, weight, targets, lse, g, ent, gh, inv_t, sup, 
 class FusedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, hrow, temperature, sup):
-        inv_t = 1.0 / float(temperature)   # a constexpr: stays fp32 in the kernel, also under torch.compile
+        inv_t = 1.0 / float(temperature)   # a constexpr: fp32 in the kernel, also under compile
         lse, logp, ent, _, _ = _head_fwd(hidden, hrow, weight, targets, inv_t, sup)
         ctx.save_for_backward(hidden, weight, targets, hrow, lse, ent, sup)
         ctx.inv_t = inv_t
-        ctx.set_materialize_grads(False)   # an unused entropy gets g_ent = None: its term is skipped
+        ctx.set_materialize_grads(False)   # an unused entropy gets g_ent = None: term skipped
         return logp, ent
 
     @staticmethod
     def backward(ctx, g, g_ent):
         hidden, weight, targets, hrow, lse, ent, sup = ctx.saved_tensors
         g = torch.zeros_like(lse) if g is None else g.float()
-        dh, dw = _head_bwd(hidden, hrow, None, weight, targets, lse, g, ent, None if g_ent is None else g_ent.float(),
-                           ctx.inv_t, sup, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        gh = None if g_ent is None else g_ent.float()
+        dh, dw = _head_bwd(hidden, hrow, None, weight, targets, lse, g, ent, gh, ctx.inv_t, sup,
+                           ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return dh, dw, None, None, None, None
 
 
@@ -596,6 +618,7 @@ class FusedPolicyLoss(torch.autograd.Function):
         lse, _, _, dlogp, st = _head_fwd(hidden, hrow, weight, targets, inv_t, sup, loss_in)
         denom = st[1].clamp(min=1) if num_tokens is None else \
             torch.as_tensor(num_tokens, dtype=torch.float32, device=st.device)
+        # saved: lse and dL/dlog pi per token (fp32); the logits are recomputed in the backward
         ctx.save_for_backward(hidden, weight, targets, hrow, dpos, lse, dlogp, denom, sup)
         ctx.inv_t = inv_t
         ctx.mark_non_differentiable(st)
@@ -603,7 +626,7 @@ class FusedPolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
-        # The loss is elementwise in log pi: dL/dlog pi was computed in the forward; only the head remains.
+        # the loss is elementwise in log pi: dL/dlog pi came from the forward; only the head remains
         hidden, weight, targets, hrow, dpos, lse, dlogp, denom, sup = ctx.saved_tensors
         g = dlogp * (grad_loss.float() / denom)
         dh, dw = _head_bwd(hidden, hrow, dpos, weight, targets, lse, g, None, None, ctx.inv_t, sup,
@@ -615,52 +638,56 @@ class FusedPolicyLoss(torch.autograd.Function):
 # Public entry points
 
 def fused_logprobs(hidden, weight, targets, temperature=1.0, *, suppress_ids=None):
-    """hidden (N, H) or (R, T, H), weight (V, H) same dtype, targets (N,) / (R, T) -> fp32 log pi(target)
-    and entropy shaped like targets, both differentiable w.r.t. hidden and weight."""
-    assert hidden.dtype == weight.dtype, f"hidden {hidden.dtype} and weight {weight.dtype} must match"
-    assert hidden.shape[-1] == weight.shape[1], "hidden (..., H) and weight (V, H)"
-    _check_device(hidden, weight)
-    hidden = _readable_rows(hidden)
-    hrow = None
-    if hidden.dim() == 3:
-        R, T, _ = hidden.shape
-        k = _rows_view(hidden)[1] if hidden.numel() else T
-        if k != T:   # a strided slice: token (r, t) lives in row r * k + t of the storage
-            hrow = (torch.arange(R, device=hidden.device)[:, None] * k + torch.arange(T, device=hidden.device)).view(-1)
+    """hidden (N, H) or (R, T, H), weight (V, H) same dtype, targets (N,) / (R, T) -> fp32
+    log pi(target) and entropy shaped like targets, both differentiable w.r.t. hidden and weight."""
+    _check_inputs(hidden, weight)
+    hidden = _readable(hidden)
     sup = _suppress_mask(suppress_ids, weight.shape[0], hidden.device)
-    logp, ent = FusedLogprobs.apply(hidden, weight.contiguous(), targets.reshape(-1).long().contiguous(), hrow,
+    tgt = targets.reshape(-1).long().contiguous()
+    logp, ent = FusedLogprobs.apply(hidden, weight.contiguous(), tgt, _token_rows(hidden, None),
                                     temperature, sup)
     return logp.view(targets.shape), ent.view(targets.shape)
 
 
-def _policy_loss(hidden, weight, hrow, dpos, targets, old_logp, expert_logp, row_ids, rewards, group_ids,
-                 advantages, passed, expert_rows, algo, temperature, std_normalize, clip_low, clip_high,
-                 clip_c, alpha, lam, num_tokens, suppress_ids):
-    """The packed loss on N tokens, hidden read at rows hrow of _rows_view(hidden)."""
-    assert hidden.dtype == weight.dtype, f"hidden {hidden.dtype} and weight {weight.dtype} must match"
-    assert hidden.shape[-1] == weight.shape[1], "hidden (..., H) and weight (V, H)"
+def fused_policy_loss_tokens(hidden, weight, targets, old_logp, row_ids, expert_logp=None,
+                             rewards=None, group_ids=None, *, advantages=None, passed=None,
+                             expert_rows=None, algo="calibrl", temperature=1.0,
+                             std_normalize=False, clip_low=0.2, clip_high=0.2, clip_c=3.0,
+                             alpha=0.5, lam=0.1, num_tokens=None, suppress_ids=None,
+                             _rows=(None, None)):
+    """Packed tokens: hidden (N, H), weight (V, H); targets / old_logp / row_ids / expert_logp (N,),
+    valid tokens only; rewards / group_ids / advantages / passed / expert_rows (R,). Give rewards +
+    group_ids (Eq. A in Triton) or advantages + passed. Returns (loss, metrics) as
+    calibrl.policy_loss; the loss is differentiable w.r.t. hidden and weight.
+    (_rows, internal: fused_policy_loss hands hidden (R, T, H) over with each token's row of
+    _rows_view(hidden) and of the flattened dH.)"""
+    _check_inputs(hidden, weight)
     if algo not in ALGOS:
         raise ValueError(f"unknown algo {algo!r}")
-    _check_device(hidden, weight)
-    dev, N = hidden.device, targets.shape[0]
+    hidden = _readable(hidden)
+    dev, N = hidden.device, targets.numel()
     if advantages is None:   # Eq. A in Triton
-        advantages, passed_r = fused_group_advantages(rewards, group_ids, expert_rows, std_normalize)
+        advantages, passed_r = fused_group_advantages(rewards, group_ids, expert_rows,
+                                                      std_normalize)
         passed = passed_r if passed is None else passed
     if passed is None:
         if rewards is None and algo == "calibrl":
             raise ValueError("calibrl needs passed (or rewards) with advantages")
-        passed = rewards > 0.5 if rewards is not None else torch.zeros(advantages.shape[0], dtype=torch.bool)
+        passed = rewards > 0.5 if rewards is not None else torch.zeros_like(advantages).bool()
     R = advantages.shape[0]
-    i8 = lambda x: x.to(device=dev, dtype=torch.int8).contiguous()      # noqa: E731
-    f32 = lambda x: x.detach().to(device=dev, dtype=torch.float32).contiguous()   # noqa: E731
-    loss_in = dict(old=f32(old_logp), base=f32(expert_logp) if expert_logp is not None else torch.zeros(N, device=dev),
-                   row=row_ids.to(device=dev, dtype=torch.int64).contiguous(), adv=f32(advantages),
-                   passed=i8(passed), expert=i8(expert_rows) if expert_rows is not None else torch.zeros(R, dtype=torch.int8, device=dev),
-                   algo=ALGOS[algo], clip_low=float(clip_low), clip_high=float(clip_high), clip_c=float(clip_c),
-                   alpha=float(alpha), lam=float(lam))
+    expert_logp = torch.zeros(N, device=dev) if expert_logp is None else expert_logp
+    expert_rows = torch.zeros(R, device=dev) if expert_rows is None else expert_rows
+    f32 = lambda x: x.detach().reshape(-1).to(device=dev, dtype=torch.float32).contiguous()  # noqa
+    i8 = lambda x: x.to(device=dev, dtype=torch.int8).contiguous()                          # noqa
+    loss_in = dict(old=f32(old_logp), base=f32(expert_logp), adv=f32(advantages), passed=i8(passed),
+                   row=row_ids.reshape(-1).to(device=dev, dtype=torch.int64).contiguous(),
+                   expert=i8(expert_rows), algo=ALGOS[algo], clip_low=float(clip_low),
+                   clip_high=float(clip_high), clip_c=float(clip_c), alpha=float(alpha),
+                   lam=float(lam))
     sup = _suppress_mask(suppress_ids, weight.shape[0], dev)
-    loss, st = FusedPolicyLoss.apply(hidden, weight.contiguous(), targets.long().contiguous(), hrow, dpos,
-                                     loss_in, num_tokens, temperature, sup)
+    tgt = targets.reshape(-1).long().contiguous()
+    loss, st = FusedPolicyLoss.apply(hidden, weight.contiguous(), tgt, *_rows, loss_in, num_tokens,
+                                     temperature, sup)
     n = st[2].clamp(min=1)   # on-policy tokens, as in calibrl.policy_loss
     metrics = {"loss/clipfrac": st[3] / n, "loss/dualclip_frac": st[4] / n, "loss/ratio": st[5] / n,
                "loss/ratio_max_dev": st[9], "loss/ppo": st[6] / n, "loss/guided": st[7] / n,
@@ -668,38 +695,26 @@ def _policy_loss(hidden, weight, hrow, dpos, targets, old_logp, expert_logp, row
     return loss, metrics
 
 
-def fused_policy_loss_tokens(hidden, weight, targets, old_logp, row_ids, expert_logp=None, rewards=None,
-                             group_ids=None, *, advantages=None, passed=None, expert_rows=None, algo="calibrl",
-                             temperature=1.0, std_normalize=False, clip_low=0.2, clip_high=0.2, clip_c=3.0,
-                             alpha=0.5, lam=0.1, num_tokens=None, suppress_ids=None):
-    """Packed tokens: hidden (N, H), weight (V, H); targets / old_logp / row_ids / expert_logp (N,), valid
-    tokens only; rewards / group_ids / advantages / passed / expert_rows (R,). Give rewards + group_ids
-    (Eq. A in Triton) or advantages + passed. Returns (loss, metrics) as calibrl.policy_loss; the loss
-    is differentiable w.r.t. hidden and weight."""
-    hidden = _readable_rows(hidden)
-    return _policy_loss(hidden, weight, None, None, targets.reshape(-1), old_logp.reshape(-1),
-                        None if expert_logp is None else expert_logp.reshape(-1), row_ids.reshape(-1), rewards,
-                        group_ids, advantages, passed, expert_rows, algo, temperature, std_normalize, clip_low,
-                        clip_high, clip_c, alpha, lam, num_tokens, suppress_ids)
-
-
 def fused_policy_loss(hidden, weight, targets, old_logp, mask, rewards=None, group_ids=None, *,
-                      advantages=None, passed=None, algo="calibrl", expert_logp=None, expert_rows=None,
+                      advantages=None, passed=None, algo="calibrl", expert_logp=None,
+                      expert_rows=None,
                       temperature=1.0, std_normalize=False, clip_low=0.2, clip_high=0.2, clip_c=3.0,
                       alpha=0.5, lam=0.1, num_tokens=None, suppress_ids=None):
     """hidden (R, T, H), weight (V, H); targets / old_logp / mask / expert_logp (R, T);
-    rewards / group_ids / expert_rows / advantages / passed (R,). Give rewards + group_ids (Eq. A inside)
-    or advantages + passed. Returns (loss, metrics) equal to calibrl.policy_loss on
-    token_logprobs(hidden @ weight.T, targets, temperature)[0]; differentiable w.r.t. hidden, weight.
-    The valid tokens (mask > 0) reach the kernels by index: hidden is not copied."""
+    rewards / group_ids / expert_rows / advantages / passed (R,). Give rewards + group_ids (Eq. A
+    inside) or advantages + passed. Returns (loss, metrics) equal to calibrl.policy_loss on
+    token_logprobs(hidden @ weight.T, targets, temperature)[0]; differentiable w.r.t. hidden and
+    weight. The valid tokens (mask > 0) go to fused_policy_loss_tokens by index: hidden is not
+    copied."""
     R, T, H = hidden.shape
-    hidden = _readable_rows(hidden)
-    pos = (mask.reshape(-1) > 0).nonzero().squeeze(1)            # (N,) valid positions r * T + t; host sync
+    hidden = _readable(hidden)
+    pos = (mask.reshape(-1) > 0).nonzero().squeeze(1)    # (N,) valid positions r * T + t; host sync
     every = pos.numel() == R * T
-    k = _rows_view(hidden)[1] if hidden.numel() else T
-    r, t = pos // max(T, 1), pos % max(T, 1)
-    hrow = None if every and k == T else r * k + t                # storage row of each valid token
-    tok = lambda x: None if x is None else (x.reshape(-1) if every else x.reshape(-1)[pos])   # noqa: E731
-    return _policy_loss(hidden, weight, hrow, None if every else pos, tok(targets), tok(old_logp), tok(expert_logp),
-                        r, rewards, group_ids, advantages, passed, expert_rows, algo, temperature, std_normalize,
-                        clip_low, clip_high, clip_c, alpha, lam, num_tokens, suppress_ids)
+    tok = lambda x: None if x is None else (x.reshape(-1) if every else x.reshape(-1)[pos])  # noqa
+    rows = (_token_rows(hidden, None if every else pos), None if every else pos)
+    return fused_policy_loss_tokens(
+        hidden, weight, tok(targets), tok(old_logp), pos // max(T, 1), tok(expert_logp), rewards,
+        group_ids, advantages=advantages, passed=passed, expert_rows=expert_rows, algo=algo,
+        temperature=temperature, std_normalize=std_normalize, clip_low=clip_low,
+        clip_high=clip_high, clip_c=clip_c, alpha=alpha, lam=lam, num_tokens=num_tokens,
+        suppress_ids=suppress_ids, _rows=rows)
