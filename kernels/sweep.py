@@ -3,6 +3,7 @@ sweep.py -- GPU checks of the fused kernel beyond bench.py, kept off the reading
 
     python kernels/sweep.py check     # full vocabulary, bf16, vs float64: log-probs, entropy, dH, dW
     python kernels/sweep.py sweep     # forward configs and splits, backward grid order, dH accumulation
+    python kernels/sweep.py compile   # no GPU needed: every kernel variant compiled for sm_90a
     python kernels/sweep.py check --n 96 --h 48 --v 700 --dtype float32 --chunk-elems 4096    # CPU smoke
     python kernels/sweep.py sweep --n 256 --h 64 --v 512 --dtype float32                      # CPU smoke
 
@@ -13,11 +14,15 @@ one, against float64 autograd. sweep: times the two head kernels alone for a few
 configurations and split counts (the reading path keeps one, see _config), checks that the
 backward's vocab-fastest grid gives dz bit-identical to the rows-first one and times both, and times
 dH += dz @ W[chunk] in place (addmm into fp32) against row slices through an fp32 temporary.
+compile: the reading-path configuration of every kernel compiled for sm_90a with the ptxas that
+ships with triton (no GPU), registers / stack / shared memory per variant: a spill shows as STACK.
 Exit status 1 when a check fails.
 """
 import argparse
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -172,9 +177,69 @@ def sweep(a):
     return ok
 
 
+def compile_sm90(a):
+    """Every kernel variant at the reading-path config, compiled for sm_90a without a GPU."""
+    if fc.INTERPRET:   # the kernels must be JIT functions, not interpreted ones: a fresh process
+        env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+        return subprocess.run([sys.executable, __file__, "compile"], env=env).returncode == 0
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    aligned = {"H", "V", "stride_h", "VS", "VC", "v0"}   # runtime-specialised as multiples of 16 here
+
+    def build(fn, dt, consts, opts):
+        def kind(name):
+            if name in consts:
+                return "constexpr"
+            if not name.endswith("_ptr"):
+                return "i32"
+            return {"h": dt, "w": dt, "dz": dt, "hrow": "*i64", "tgt": "*i64", "row": "*i64", "gid": "*i64",
+                    "sup": "*i8", "pass": "*i8", "exp": "*i8"}.get(name[:-4], "*fp32")
+        sig = {name: kind(name) for name in fn.arg_names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+                 if sig[name].startswith("*") or name in aligned}
+        k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32), options=opts)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+        use = next((line.split("TEXTURE")[0].strip() for line in out.splitlines() if "REG:" in line), out)
+        return k.metadata.shared, use
+
+    rows = []
+    for dt, dtype in (("*bf16", torch.bfloat16), ("*fp32", torch.float32)):
+        cfg = fc._config(dtype)
+        tile = {k: cfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_H", "UPCAST", "PRECISION")}
+        opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        for rows_, sup in ((False, False), (True, True)):
+            rows.append((f"_head_fwd_kernel {dt[1:]} HAS_ROWS={rows_} HAS_SUP={sup}", fc._head_fwd_kernel, dt,
+                         dict(INV_T=1.0, HAS_ROWS=rows_, HAS_SUP=sup, **tile), opts))
+        for gh in (False, True):
+            rows.append((f"_head_bwd_kernel {dt[1:]} HAS_GH={gh}", fc._head_bwd_kernel, dt,
+                         dict(INV_T=1.0, HAS_GH=gh, HAS_SUP=True, **tile), opts))
+    for algo in fc.ALGOS.values():
+        rows.append((f"_loss_fwd_kernel ALGO={algo}", fc._loss_fwd_kernel, "*fp32",
+                     dict(LOSS=True, ALGO=algo, CLIP_LOW=0.2, CLIP_HIGH=0.2, CLIP_C=3.0, ALPHA=0.5, LAM=0.1,
+                          BLOCK_M=fc._config(torch.bfloat16)["BLOCK_M"]), dict(num_warps=4)))
+    blk = fc._config(torch.float32)["BLOCK_R"]
+    rows.append(("_advantages_fwd_kernel STD=True", fc._advantages_fwd_kernel, "*fp32",
+                 dict(STD=True, EPS=1e-6, BLOCK_I=blk, BLOCK_J=blk), dict(num_warps=4)))
+    ok = True
+    for tag, fn, dt, consts, opts in rows:
+        try:
+            shared, use = build(fn, dt, consts, opts)
+            spill = "STACK:0 " not in use + " "
+            ok &= not spill
+            print(f"{tag:48s} shared {shared:6d} B  {use}{'  SPILLS' if spill else ''}")
+        except Exception as e:
+            ok = False
+            print(f"{tag:48s} failed: {type(e).__name__}: {str(e)[:300]}")
+    return ok
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["check", "sweep"])
+    p.add_argument("what", choices=["check", "sweep", "compile"])
     p.add_argument("--n", type=int, default=None, help="tokens (check: 2048, sweep: 32768)")
     p.add_argument("--h", type=int, default=2048)
     p.add_argument("--v", type=int, default=151936)
@@ -183,9 +248,12 @@ def main():
     p.add_argument("--reps", type=int, default=5)
     a = p.parse_args()
     a.n = a.n or (2048 if a.what == "check" else 32768)
-    print(f"device {torch.cuda.get_device_name() if DEV == 'cuda' else 'cpu (Triton interpreter)'}  {a.what} "
-          f"N={a.n} H={a.h} V={a.v} {a.dtype}")
-    ok = check(a) if a.what == "check" else sweep(a)
+    if a.what == "compile":
+        print("offline compile for sm_90a" + ("" if fc.INTERPRET else ": reading-path configs"))
+    else:
+        print(f"device {torch.cuda.get_device_name() if DEV == 'cuda' else 'cpu (Triton interpreter)'}  "
+              f"{a.what} N={a.n} H={a.h} V={a.v} {a.dtype}")
+    ok = {"check": check, "sweep": sweep, "compile": compile_sm90}[a.what](a)
     print("ALL OK" if ok else "SOME CHECKS FAILED")
     sys.exit(0 if ok else 1)
 
