@@ -860,26 +860,37 @@ def test_policy_loss_suppress_ids():
 
 
 def test_policy_loss_tokens_entry_matches_padded():
-    # the packed entry point on the valid tokens == the (R, T, H) one (which wraps it), strided hidden too
+    # the packed entry point on the valid tokens == the (R, T, H) one (which wraps it), here with
+    # hidden a strided slice of a larger leaf tensor, read in place: its gradient lands in the slice
     hidden, w, b = make_batch(torch.float32, seed=7)
     R = hidden.shape[0]
     big = torch.randn(R, T + 5, H, device=DEV)
     big[:, 3:-2] = hidden
-    hs = big[:, 3:-2]                                             # a non-contiguous (R, T, H) slice
-    loss, m, dh, dw = run_fused(hs, w, b, from_rewards=True, algo="luffy")
+    big.requires_grad_()
+    wf = w.clone().requires_grad_()
+    hs = big[:, 3:-2]                                             # (R, T, H), strides ((T + 5) H, H, 1)
+    assert fused_calibrl._readable(hs) is hs
+    kw = dict(expert_rows=b["expert_rows"], algo="luffy", temperature=0.8)
+    loss, m = fused_policy_loss(hs, wf, b["targets"], b["old_logp"], b["mask"], b["rewards"], b["group_ids"],
+                                expert_logp=b["expert_logp"], **kw)
+    loss.backward()
     valid = b["mask"] > 0
-    hf, wf = hidden.clone().requires_grad_(), w.clone().requires_grad_()
+    hf, wf2 = hidden.clone().requires_grad_(), w.clone().requires_grad_()
+    row_ids = torch.arange(R, device=DEV)[:, None].expand(R, T)[valid]
     loss2, m2 = fused_calibrl.fused_policy_loss_tokens(
-        hf[valid], wf, b["targets"][valid], b["old_logp"][valid], torch.arange(R, device=DEV)[:, None].expand(R, T)[valid],
-        b["expert_logp"][valid], b["rewards"], b["group_ids"], expert_rows=b["expert_rows"], algo="luffy",
-        temperature=0.8)
+        hf[valid], wf2, b["targets"][valid], b["old_logp"][valid], row_ids, b["expert_logp"][valid],
+        b["rewards"], b["group_ids"], **kw)
     loss2.backward()
     kclose("loss", loss2, loss, 1e-6, 1e-9)
     for k in m:
         kclose(k, m2[k], m[k], 1e-6, 1e-9)
-    kclose("dH", hf.grad, dh, 1e-6)
-    kclose("dW", wf.grad, dw, 1e-6)
-    assert dh.shape == hs.shape and dh[~valid].abs().max() == 0
+    kclose("dH", hf.grad, big.grad[:, 3:-2], 1e-6)
+    kclose("dW", wf2.grad, wf.grad, 1e-6)
+    assert big.grad[:, :3].abs().max() == 0 and big.grad[:, -2:].abs().max() == 0
+    assert big.grad[:, 3:-2][~valid].abs().max() == 0
+    rloss, rm, rdh, rdw = reference_loss(hidden, w, b, algo="luffy")
+    kclose("loss vs readable", loss, rloss, 1e-5, 1e-7)   # A from fp32 rewards here
+    kclose("dH vs readable", big.grad[:, 3:-2], rdh, 1e-5)
 
 
 def test_fused_loss_does_not_call_the_readable_one(monkeypatch):

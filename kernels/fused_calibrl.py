@@ -208,12 +208,12 @@ def _head_fwd_kernel(
         a = scale * (a + d * (m - m_new)) + tl.sum(e * (s - m_new[:, None]), axis=1)
         d = scale * d + tl.sum(e, axis=1)
         m = m_new
-    S = tl.num_programs(0)
+    SN = tl.num_programs(0).to(tl.int64) * N                      # elements per partial (int64)
     out = part_ptr + split.to(tl.int64) * N + toks
     tl.store(out, m, mask=tok_ok)
-    tl.store(out + S * N, d, mask=tok_ok)
-    tl.store(out + 2 * S * N, a, mask=tok_ok)
-    tl.store(out + 3 * S * N, s_tgt, mask=tok_ok)
+    tl.store(out + SN, d, mask=tok_ok)
+    tl.store(out + 2 * SN, a, mask=tok_ok)
+    tl.store(out + 3 * SN, s_tgt, mask=tok_ok)
 
 
 @triton.jit
@@ -243,12 +243,13 @@ def _loss_fwd_kernel(
     d = tl.zeros((BLOCK_M,), tl.float32)
     a = tl.zeros((BLOCK_M,), tl.float32)
     s_tgt = tl.zeros((BLOCK_M,), tl.float32)
+    SN = S.to(tl.int64) * N
     for k in range(0, S):
-        src = part_ptr + k * N + toks
+        src = part_ptr + k * N + toks                            # toks is int64: so is the sum
         mk = tl.load(src, mask=ok, other=0.0)
-        dk = tl.load(src + S * N, mask=ok, other=1.0)
-        ak = tl.load(src + 2 * S * N, mask=ok, other=0.0)
-        s_tgt += tl.load(src + 3 * S * N, mask=ok, other=0.0)
+        dk = tl.load(src + SN, mask=ok, other=1.0)
+        ak = tl.load(src + 2 * SN, mask=ok, other=0.0)
+        s_tgt += tl.load(src + 3 * SN, mask=ok, other=0.0)
         m_new = tl.maximum(m, mk)
         c_old, c_k = tl.exp(m - m_new), tl.exp(mk - m_new)
         a = c_old * (a + d * (m - m_new)) + c_k * (ak + dk * (mk - m_new))
