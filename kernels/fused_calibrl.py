@@ -665,6 +665,8 @@ def fused_policy_loss_tokens(hidden, weight, targets, old_logp, row_ids, expert_
     _check_inputs(hidden, weight)
     if algo not in ALGOS:
         raise ValueError(f"unknown algo {algo!r}")
+    if hidden.dim() != 2 and _rows[0] is None:
+        raise ValueError(f"hidden must be (N, H) here, got {tuple(hidden.shape)}")
     hidden = _readable(hidden)
     dev, N = hidden.device, targets.numel()
     if advantages is None:   # Eq. A in Triton
@@ -713,6 +715,8 @@ def fused_policy_loss(hidden, weight, targets, old_logp, mask, rewards=None, gro
     every = pos.numel() == R * T
     tok = lambda x: None if x is None else (x.reshape(-1) if every else x.reshape(-1)[pos])  # noqa
     rows = (_token_rows(hidden, None if every else pos), None if every else pos)
+    if rows[0] is None and rows[1] is None:   # every position valid, rows contiguous: (N, H) view
+        hidden = hidden.view(R * T, H)
     return fused_policy_loss_tokens(
         hidden, weight, tok(targets), tok(old_logp), pos // max(T, 1), tok(expert_logp), rewards,
         group_ids, advantages=advantages, passed=passed, expert_rows=expert_rows, algo=algo,
