@@ -894,11 +894,12 @@ def test_policy_loss_tokens_entry_matches_padded():
 
 
 def test_fused_loss_does_not_call_the_readable_one(monkeypatch):
+    hidden, w, b = make_batch(torch.float32)   # (the batch's own reference values use the readable path)
+
     def boom(*args, **kwargs):
         raise AssertionError("the fused op called the readable path")
     for name in ("policy_loss", "group_advantages", "token_logprobs"):
         monkeypatch.setattr(calibrl, name, boom)
-    hidden, w, b = make_batch(torch.float32)
     loss, m, dh, dw = run_fused(hidden, w, b, from_rewards=True, algo="calibrl")
     assert torch.isfinite(loss) and dh.abs().max() > 0
     src = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "fused_calibrl.py")).read()
