@@ -690,18 +690,21 @@ def test_logprobs_strided_hidden_is_read_in_place():
     assert fused_calibrl._readable(hs) is hs           # the kernels read the slice where it is
 
 
+import triton  # noqa: E402  (after calibrl, which switches the interpreter on first where there is no GPU)
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _bwd_rows_first(h, w, tgt, lse, g, ent, gh, sup, dz, N, H, stride_h, v0, VC, INV_T: tl.constexpr,
+                    HAS_GH: tl.constexpr, HAS_SUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                    BLOCK_H: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """The backward's first grid order: token blocks on axis 0, vocab tiles on axis 1."""
+    fused_calibrl._dz_tile(tl.program_id(0), tl.program_id(1), h, w, tgt, lse, g, ent, gh, sup, dz, N, H,
+                           stride_h, v0, VC, INV_T, HAS_GH, HAS_SUP, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, PRECISION)
+
+
 def test_backward_grid_order_is_bit_identical():
     # the backward grid puts vocab tiles on axis 0 (L2 reuse); the old rows-first order gives the same dz
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def rows_first(h, w, tgt, lse, g, ent, gh, sup, dz, N, H, stride_h, v0, VC, INV_T: tl.constexpr,
-                   HAS_GH: tl.constexpr, HAS_SUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                   BLOCK_H: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-        fused_calibrl._dz_tile(tl.program_id(0), tl.program_id(1), h, w, tgt, lse, g, ent, gh, sup, dz, N, H,
-                               stride_h, v0, VC, INV_T, HAS_GH, HAS_SUP, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, PRECISION)
-
     h, w, t = make_head(150, 40, 450, torch.float32)
     lse, _, ent, _, _ = fused_calibrl._head_fwd(h, None, w, t, 1.0, None)
     g, gh = torch.randn(150, device=DEV), torch.randn(150, device=DEV)
@@ -709,7 +712,7 @@ def test_backward_grid_order_is_bit_identical():
     bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
     out = []
     for kernel, grid in [(fused_calibrl._head_bwd_kernel, (triton.cdiv(300, bv), triton.cdiv(150, bn))),
-                         (rows_first, (triton.cdiv(150, bn), triton.cdiv(300, bv)))]:
+                         (_bwd_rows_first, (triton.cdiv(150, bn), triton.cdiv(300, bv)))]:
         dz = torch.full((150, 300), float("nan"), device=DEV)
         kernel[grid](h, w, t, lse, g, ent, gh, t, dz, 150, 40, 40, 128, 300, INV_T=1.0, HAS_GH=True, HAS_SUP=False, **cfg)
         out.append(dz)
