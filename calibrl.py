@@ -444,14 +444,11 @@ class Policy(torch.nn.Module):
         h = self.model.model(**inputs, use_cache=False).last_hidden_state             # (R, L+T, H)
         h, targets = h[:, L - 1:-1], inputs["input_ids"][:, L:]  # position t scores token t+1
         W = self.model.get_output_embeddings().weight                                 # (V, H)
-        if self.fused:  # Triton: no (R, T, V) logits are ever held
-            ops = infra.fused_ops()
+        if self.fused:  # Triton: no (R, T, V) logits are ever held; Eq. C inside the kernel
+            ops, kw = infra.fused_ops(), dict(temperature=self.temperature, suppress_ids=self.suppress_ids)
             if loss is not None:
-                return ops.fused_policy_loss(h, W, targets, temperature=self.temperature, **loss)
-            R, T, H = h.shape
-            logp, entropy = ops.fused_logprobs(h.reshape(R * T, H), W, targets.reshape(-1),
-                                               self.temperature)
-            return logp.view(R, T), entropy.view(R, T)
+                return ops.fused_policy_loss(h, W, targets, **loss, **kw)
+            return ops.fused_logprobs(h, W, targets, **kw)
         logp, entropy = token_logprobs(h @ W.T, targets, self.temperature, self.suppress_ids)
         return (logp, entropy) if loss is None else policy_loss(logp, **loss)
 

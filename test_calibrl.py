@@ -768,6 +768,8 @@ def test_non_finite_loss_skips_steps_then_stops_with_a_checkpoint(tmp_path, monk
 # -----------------------------------------------------------------------------
 # The fused Triton op (kernels/) against the readable torch path, float64 reference.
 # On a CPU it runs in Triton's interpreter; shapes are ragged on purpose (not multiples of the blocks).
+# The interpreter's config splits the vocabulary in S = 2 (256 columns each at V = 500), so the merge
+# of split partials runs in every test.
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 F64 = torch.float64
@@ -775,7 +777,7 @@ F64 = torch.float64
 
 def kclose(name, got, ref, rtol, atol=0.0):
     """max |got - ref| <= rtol * max |ref| + atol, else fail with the numbers."""
-    got, ref = got.detach().to(F64), ref.detach().to(F64)
+    got, ref = torch.as_tensor(got).detach().to(F64).cpu(), torch.as_tensor(ref).detach().to(F64).cpu()
     err, scale = (got - ref).abs().max().item(), ref.abs().max().item()
     assert err <= rtol * scale + atol, f"{name}: max |diff| {err:.3e} > {rtol:.0e} * max |ref| {scale:.3e} + {atol:.0e}"
     return err / max(scale, 1e-30)
@@ -789,12 +791,20 @@ def make_head(N, H, V, dtype, seed=0):
     return h.to(DEV), w.to(DEV), t.to(DEV)
 
 
-def check_logprobs(N, H, V, dtype, temperature, rtol_fwd, rtol_grad, use_ent=True, zero_rows=True):
+def suppressed(logits, ids):
+    """The readable reference for suppress_ids: those columns set to -1e30 (no gradient reaches them)."""
+    return logits if ids is None else logits.index_fill(-1, torch.as_tensor(ids, device=logits.device), -1e30)
+
+
+def check_logprobs(N, H, V, dtype, temperature, rtol_fwd, rtol_grad, use_ent=True, zero_rows=True, ids=None):
     h, w, t = make_head(N, H, V, dtype)
+    if ids is not None:   # the sampler never produces a suppressed id
+        t = torch.where(torch.isin(t, torch.tensor(ids, device=DEV)), (t + 1) % V, t)
+        t = torch.where(torch.isin(t, torch.tensor(ids, device=DEV)), torch.full_like(t, 1), t)
     hf, wf = h.clone().requires_grad_(), w.clone().requires_grad_()
-    logp, ent = fused_logprobs(hf, wf, t, temperature)
+    logp, ent = fused_logprobs(hf, wf, t, temperature, suppress_ids=ids)
     hd, wd = h.to(F64).requires_grad_(), w.to(F64).requires_grad_()   # reference on the same rounded inputs
-    rlogp, rent = calibrl.token_logprobs(hd @ wd.T, t, temperature)
+    rlogp, rent = calibrl.token_logprobs(suppressed(hd @ wd.T, ids), t, temperature)
     assert logp.dtype == ent.dtype == torch.float32
     kclose("logp", logp, rlogp, rtol_fwd)
     kclose("entropy", ent, rent, rtol_fwd)
@@ -807,6 +817,8 @@ def check_logprobs(N, H, V, dtype, temperature, rtol_fwd, rtol_grad, use_ent=Tru
     out.backward()
     ref.backward()
     assert hf.grad.dtype == dtype and wf.grad.dtype == dtype
+    if zero_rows:
+        assert hf.grad[::3].abs().max() == 0
     return kclose("dH", hf.grad, hd.grad, rtol_grad), kclose("dW", wf.grad, wd.grad, rtol_grad)
 
 
@@ -829,9 +841,62 @@ def test_logprobs_fp16():
     check_logprobs(200, 48, 500, torch.float16, 0.7, 1e-5, 5e-3)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 dots need a GPU (interpreter bf16 dot is broken)")
+def test_logprobs_bf16_small():
+    # bf16 through the interpreter (its dot upcasts to fp32 there, see kernel-notes) or natively on a GPU
+    check_logprobs(150, 40, 450, torch.bfloat16, 0.7, 1e-5, 2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 tensor-core dots at a larger shape need a GPU")
 def test_logprobs_bf16():
     check_logprobs(1000, 256, 5000, torch.bfloat16, 0.7, 1e-5, 2e-2)
+
+
+@pytest.mark.parametrize("ids", [[3, 255, 256, 499], list(range(256, 384)) + [0]], ids=["scattered", "whole-tile"])
+def test_logprobs_suppress_ids(ids):
+    # suppressed columns on both sides of the split boundary (256), at the ends of the vocabulary, and a
+    # whole vocab tile (the first tile of split 2: its running max starts at -inf)
+    check_logprobs(130, 40, 500, torch.float32, 0.8, 1e-5, 1e-5, ids=ids)
+
+
+def test_logprobs_strided_hidden_is_read_in_place():
+    # hidden as the model hands it over, h[:, L-1:-1] of a (R, L + T, H) tensor: no copy, same numbers
+    h, w, t = make_head(4 * 30, 40, 300, torch.float32)
+    big = h.view(4, 30, 40)
+    hs = big[:, 7:-3]                                    # (4, 20, 40), strides (1200, 40, 1)
+    logp, ent = fused_logprobs(hs, w, t.view(4, 30)[:, 7:-3], 0.9)
+    rlogp, rent = calibrl.token_logprobs(hs.to(F64) @ w.to(F64).T, t.view(4, 30)[:, 7:-3], 0.9)
+    kclose("logp", logp, rlogp, 1e-5)
+    kclose("entropy", ent, rent, 1e-5)
+    assert fused_calibrl._readable(hs) is hs           # the kernels read the slice where it is
+
+
+import triton  # noqa: E402  (after calibrl, which switches the interpreter on first where there is no GPU)
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _bwd_rows_first(h, w, tgt, lse, g, ent, gh, sup, dz, N, H, stride_h, v0, VC, INV_T: tl.constexpr,
+                    HAS_GH: tl.constexpr, HAS_SUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                    BLOCK_H: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """The backward's first grid order: token blocks on axis 0, vocab tiles on axis 1."""
+    fused_calibrl._dz_tile(tl.program_id(0), tl.program_id(1), h, w, tgt, lse, g, ent, gh, sup, dz, N, H,
+                           stride_h, v0, VC, INV_T, HAS_GH, HAS_SUP, BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, PRECISION)
+
+
+def test_backward_grid_order_is_bit_identical():
+    # the backward grid puts vocab tiles on axis 0 (L2 reuse); the old rows-first order gives the same dz
+    h, w, t = make_head(150, 40, 450, torch.float32)
+    lse, _, ent, _, _ = fused_calibrl._head_fwd(h, None, w, t, 1.0, None)
+    g, gh = torch.randn(150, device=DEV), torch.randn(150, device=DEV)
+    cfg = fused_calibrl._tile_cfg(fused_calibrl._config(torch.float32))
+    bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
+    out = []
+    for kernel, grid in [(fused_calibrl._head_bwd_kernel, (triton.cdiv(300, bv), triton.cdiv(150, bn))),
+                         (_bwd_rows_first, (triton.cdiv(150, bn), triton.cdiv(300, bv)))]:
+        dz = torch.full((150, 300), float("nan"), device=DEV)
+        kernel[grid](h, w, t, lse, g, ent, gh, t, dz, 150, 40, 40, 128, 300, INV_T=1.0, HAS_GH=True, HAS_SUP=False, **cfg)
+        out.append(dz)
+    assert torch.isfinite(out[0]).all() and torch.equal(out[0], out[1])
 
 
 # -----------------------------------------------------------------------------
@@ -868,9 +933,9 @@ def make_batch(dtype, seed=0, rewards=None, std_normalize=False):
     return hidden, w, {k: v.to(DEV) for k, v in b.items()}
 
 
-def reference_loss(hidden, w, b, rows=slice(None), **kw):
+def reference_loss(hidden, w, b, rows=slice(None), ids=None, **kw):
     hd, wd = hidden.to(F64).requires_grad_(), w.to(F64).requires_grad_()
-    logp = calibrl.token_logprobs(hd[rows] @ wd.T, b["targets"][rows], 0.8)[0]
+    logp = calibrl.token_logprobs(suppressed(hd[rows] @ wd.T, ids), b["targets"][rows], 0.8)[0]
     loss, m = calibrl.policy_loss(logp, b["old_logp"][rows], b["advantages"][rows], b["mask"][rows],
                                   expert_logp=b["expert_logp"][rows], passed=b["passed"][rows],
                                   expert_rows=b["expert_rows"][rows], **kw)
@@ -889,21 +954,42 @@ def run_fused(hidden, w, b, rows=slice(None), from_rewards=False, **kw):
     return loss, m, hf.grad, wf.grad
 
 
-@pytest.mark.parametrize("from_rewards", [True, False], ids=["rewards", "advantages"])
-@pytest.mark.parametrize("algo", ["calibrl", "grpo", "luffy", "rlplus"])
-def test_policy_loss_fp32(algo, from_rewards):
-    hidden, w, b = make_batch(torch.float32)
-    loss, m, dh, dw = run_fused(hidden, w, b, from_rewards=from_rewards, algo=algo)
-    rloss, rm, rdh, rdw = reference_loss(hidden, w, b, algo=algo)
+def compare_loss(fused, ref, rtol_grad=1e-5):
+    (loss, m, dh, dw), (rloss, rm, rdh, rdw) = fused, ref
     kclose("loss", loss, rloss, 1e-5, 1e-8)
     assert m.keys() == rm.keys()
     for k in rm:
         kclose(k, m[k], rm[k], 1e-5, 1e-6)   # approx_kl is a mean of differences of O(5) numbers
-    kclose("dH", dh, rdh, 1e-5)
-    kclose("dW", dw, rdw, 1e-5)
+    kclose("dH", dh, rdh, rtol_grad)
+    kclose("dW", dw, rdw, rtol_grad)
+
+
+@pytest.mark.parametrize("from_rewards", [True, False], ids=["rewards", "advantages"])
+@pytest.mark.parametrize("algo", ["calibrl", "grpo", "luffy", "rlplus"])
+def test_policy_loss_fp32(algo, from_rewards):
+    hidden, w, b = make_batch(torch.float32)
+    fused = run_fused(hidden, w, b, from_rewards=from_rewards, algo=algo)
+    compare_loss(fused, reference_loss(hidden, w, b, algo=algo))
+    dh = fused[2]
     assert dh[9].abs().max() == 0 and dh[4:7].abs().max() == 0   # masked row and the A = 0 group
-    if algo == "calibrl":
+    if algo in ("calibrl", "grpo"):
         assert dh[b["expert_rows"]].abs().max() == 0              # expert rows never train
+
+
+@pytest.mark.parametrize("algo", ["calibrl", "luffy"])
+def test_policy_loss_num_tokens(algo):
+    # a fixed denominator (the mini-batch's token count), as a Python number and as a tensor
+    hidden, w, b = make_batch(torch.float32, seed=5)
+    ref = reference_loss(hidden, w, b, algo=algo, num_tokens=123.0)
+    compare_loss(run_fused(hidden, w, b, algo=algo, num_tokens=123.0), ref)
+    compare_loss(run_fused(hidden, w, b, algo=algo, num_tokens=torch.tensor(123.0, device=DEV)), ref)
+
+
+def test_policy_loss_std_normalize_from_rewards():
+    hidden, w, b = make_batch(torch.float32, seed=2, std_normalize=True)
+    fused = run_fused(hidden, w, b, from_rewards=True, std_normalize=True, algo="calibrl", alpha=0.3)
+    compare_loss(fused, reference_loss(hidden, w, b, algo="calibrl", alpha=0.3))
+    assert fused[2][4:7].abs().max() == 0   # the uniform group: A = 0 exactly, also divided by std + eps
 
 
 def test_policy_loss_micro_batches_add_up():
@@ -934,22 +1020,115 @@ def test_policy_loss_fp16():
     kclose("dW", dw, rdw, 5e-3)
 
 
+@pytest.mark.parametrize("algo", ["calibrl", "rlplus"])
+def test_policy_loss_bf16(algo):
+    # bf16 hidden / W (interpreter: upcast dots); the reference sees the same bf16-rounded inputs
+    hidden, w, b = make_batch(torch.bfloat16, seed=4)
+    loss, m, dh, dw = run_fused(hidden, w, b, algo=algo)
+    rloss, rm, rdh, rdw = reference_loss(hidden, w, b, algo=algo)
+    kclose("loss", loss, rloss, 1e-4, 1e-6)
+    kclose("loss/ratio", m["loss/ratio"], rm["loss/ratio"], 1e-4)
+    kclose("dH", dh, rdh, 2e-2)
+    kclose("dW", dw, rdw, 2e-2)
+
+
+def test_policy_loss_suppress_ids():
+    hidden, w, b = make_batch(torch.float32, seed=6)
+    ids = [2, 250, 255, 256, 257, 400, 499]
+    b["targets"] = torch.where(torch.isin(b["targets"], torch.tensor(ids, device=DEV)), 1, b["targets"])
+    compare_loss(run_fused(hidden, w, b, algo="calibrl", suppress_ids=ids),
+                 reference_loss(hidden, w, b, algo="calibrl", ids=ids))
+    compare_loss(run_fused(hidden, w, b, algo="luffy", suppress_ids=torch.tensor(ids)),
+                 reference_loss(hidden, w, b, algo="luffy", ids=ids))
+
+
+def test_policy_loss_tokens_entry_matches_padded():
+    # the packed entry point on the valid tokens == the (R, T, H) one (which wraps it), here with
+    # hidden a strided slice of a larger leaf tensor, read in place: its gradient lands in the slice
+    hidden, w, b = make_batch(torch.float32, seed=7)
+    R = hidden.shape[0]
+    big = torch.randn(R, T + 5, H, device=DEV)
+    big[:, 3:-2] = hidden
+    big.requires_grad_()
+    wf = w.clone().requires_grad_()
+    hs = big[:, 3:-2]                                             # (R, T, H), strides ((T + 5) H, H, 1)
+    assert fused_calibrl._readable(hs) is hs
+    kw = dict(expert_rows=b["expert_rows"], algo="luffy", temperature=0.8)
+    loss, m = fused_policy_loss(hs, wf, b["targets"], b["old_logp"], b["mask"], b["rewards"], b["group_ids"],
+                                expert_logp=b["expert_logp"], **kw)
+    loss.backward()
+    valid = b["mask"] > 0
+    hf, wf2 = hidden.clone().requires_grad_(), w.clone().requires_grad_()
+    row_ids = torch.arange(R, device=DEV)[:, None].expand(R, T)[valid]
+    loss2, m2 = fused_calibrl.fused_policy_loss_tokens(
+        hf[valid], wf2, b["targets"][valid], b["old_logp"][valid], row_ids, b["expert_logp"][valid],
+        b["rewards"], b["group_ids"], **kw)
+    loss2.backward()
+    kclose("loss", loss2, loss, 1e-6, 1e-9)
+    for k in m:
+        kclose(k, m2[k], m[k], 1e-6, 1e-9)
+    kclose("dH", hf.grad, big.grad[:, 3:-2], 1e-6)
+    kclose("dW", wf2.grad, wf.grad, 1e-6)
+    assert big.grad[:, :3].abs().max() == 0 and big.grad[:, -2:].abs().max() == 0
+    assert big.grad[:, 3:-2][~valid].abs().max() == 0
+    rloss, rm, rdh, rdw = reference_loss(hidden, w, b, algo="luffy")
+    kclose("loss vs readable", loss, rloss, 1e-5, 1e-7)   # A from fp32 rewards here
+    kclose("dH vs readable", big.grad[:, 3:-2], rdh, 1e-5)
+
+
+def test_fused_loss_does_not_call_the_readable_one(monkeypatch):
+    hidden, w, b = make_batch(torch.float32)   # (the batch's own reference values use the readable path)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the fused op called the readable path")
+    for name in ("policy_loss", "group_advantages", "token_logprobs"):
+        monkeypatch.setattr(calibrl, name, boom)
+    loss, m, dh, dw = run_fused(hidden, w, b, from_rewards=True, algo="calibrl")
+    assert torch.isfinite(loss) and dh.abs().max() > 0
+    src = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "fused_calibrl.py")).read()
+    assert "import calibrl" not in src and "from calibrl" not in src
+
+
+def test_group_advantages_arbitrary_groups():
+    # arbitrary group ids, expert rows, a group with a single on-policy row (A = 0 there, A_E = r_E - r)
+    r = torch.tensor([1.1, 0.0, 0.1, 1.0, 1.1, 0.0, 1.0, 0.1, 1.1, 1.0, 0.0, 1.1, 1.0])
+    gid = torch.tensor([7, 2, 7, 7, 2, 2, 7, 9, 9, 2, 7, 7, 2])
+    exp = torch.tensor([False, False, False, True, False, False, False, False, True, True, False, False, False])
+    for std_normalize in (False, True):
+        adv, passed = fused_calibrl.fused_group_advantages(r.to(DEV), gid.to(DEV), exp.to(DEV), std_normalize)
+        adv = adv.cpu()
+        assert passed.tolist() == (r > 0.5).tolist()
+        for g in gid.unique():
+            on, ex = (gid == g) & ~exp, (gid == g) & exp
+            if on.sum() == 1:   # decision 5
+                ra, re_ = torch.zeros(1), r[ex] - r[on]
+                assert adv[on].item() == 0 and adv[ex].item() == (r[ex] - r[on]).item()
+            else:
+                ra, re_ = calibrl.group_advantages(r[on].to(F64), int(on.sum()), std_normalize,
+                                                   expert_rewards=r[ex].to(F64))
+            kclose(f"A group {g.item()} std {std_normalize}", adv[on], ra, 1e-6, 1e-7)
+            kclose(f"A_E group {g.item()} std {std_normalize}", adv[ex], re_, 1e-6, 1e-7)
+
+
 @pytest.mark.parametrize("std_normalize", [False, True])
-def test_group_advantages(std_normalize):
-    # arbitrary group ids, expert rows, a group with a single on-policy row (A = 0 there)
-    r = torch.tensor([1.1, 0.0, 0.1, 1.0, 1.1, 0.0, 1.0, 0.1, 1.1, 1.0])
-    gid = torch.tensor([7, 2, 7, 7, 2, 2, 7, 9, 9, 2])
-    exp = torch.tensor([False, False, False, True, False, False, False, False, True, True])
-    adv, passed = fused_calibrl._group_advantages(r, gid, exp, std_normalize)
-    assert passed.tolist() == (r > 0.5).tolist()
-    for g in gid.unique():
+def test_group_advantages_uniform_groups_are_exactly_zero(std_normalize):
+    # eight rewards of 0.1 (float32 0.1 does not sum to 0.8 exactly) and ten of 1.1, interleaved, each
+    # with an expert row; the readable reference agrees (exactly, here, up to float32 vs float64)
+    perm = torch.randperm(20, generator=torch.Generator().manual_seed(0))
+    r = torch.tensor([0.1] * 8 + [1.1] * 10 + [1.1, 0.0])[perm]
+    gid = torch.tensor([5] * 8 + [3] * 10 + [5, 3])[perm]
+    exp = torch.tensor([False] * 18 + [True, True])[perm]      # expert rows: 1.1 in group 5, 0.0 in group 3
+    adv, _ = fused_calibrl.fused_group_advantages(r.to(DEV), gid.to(DEV), exp.to(DEV), std_normalize)
+    adv = adv.cpu()
+    assert (adv[~exp] == 0).all(), adv[~exp]
+    for g, r_on in ((5, 0.1), (3, 1.1)):   # A_E = r_E - r exactly, std or not (no spread: no rescale)
+        e = (gid == g) & exp
+        assert adv[e].item() == (r[e] - torch.tensor(r_on)).item(), (g, adv[e])
+    for g in (3, 5):
         on, ex = (gid == g) & ~exp, (gid == g) & exp
-        if on.sum() == 1:   # decision 5
-            ra, re_ = torch.zeros(1), r[ex] - r[on]
-        else:
-            ra, re_ = calibrl.group_advantages(r[on], int(on.sum()), std_normalize, expert_rewards=r[ex])
-        kclose(f"A group {g.item()}", adv[on], ra, 1e-6, 1e-7)
-        kclose(f"A_E group {g.item()}", adv[ex], re_, 1e-6, 1e-7)
+        ra, re_ = calibrl.group_advantages(r[on].to(F64), int(on.sum()), std_normalize, expert_rewards=r[ex].to(F64))
+        kclose(f"A group {g}", adv[on], ra, 0, 1e-6)
+        kclose(f"A_E group {g}", adv[ex], re_, 1e-6, 1e-6)
 
 
 def test_policy_loss_all_masked():
