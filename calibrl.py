@@ -4,9 +4,8 @@ calibrl.py -- CalibRL in one file: hybrid-policy RLVR for vision-language models
 CalibRL (ICLR 2026, "Controllable Exploration in Hybrid-Policy RLVR for Multi-Modal Reasoning") is
 GRPO-style RL with verifiable rewards in which each prompt's group of G on-policy rollouts is
 joined by one expert trajectory. The expert is not imitated: its token log-probs under pi_old are
-a calibration baseline l^E in a LeakyReLU-gated, |advantage|-weighted extra term (Eq. C). The
-objective is the one the official code (github.com/zhh6425/CalibRL, a verl fork) computes. The
-equations, labelled as in the project's spec and the README:
+a calibration baseline l^E in a LeakyReLU-gated, |advantage|-weighted extra term. The objective
+is the one the official code (github.com/zhh6425/CalibRL, a verl fork) computes:
   Eq. A  A_i = r_i - mean of the group's on-policy rewards (the expert row excluded)
   Eq. B  l^E_t = log pi_old(e_t | x, e_<t): the expert's tokens under the policy that sampled
   Eq. C  per on-policy token: dual-clip PPO + lam |A| LeakyReLU_alpha(-s (log pi_theta - l^E))
@@ -17,50 +16,36 @@ Run it:
     torchrun --nproc_per_node=8 calibrl.py --model Qwen/Qwen2.5-VL-3B-Instruct --data train.parquet
     python calibrl.py --eval-only --model runs/x/checkpoint-50 --eval-data val.jsonl
 
-Shapes, used in the comments below:
-  P  prompts of a step on this rank          G  on-policy rollouts per prompt (--group-size)
-  R  rows in a micro-batch (on-policy and expert rows)
-  L  prompt length, left-padded              T  response length, right-padded
-  H  hidden size                             V  vocabulary size
-  K  sampled responses per eval problem (--eval-samples)
+Shapes in the comments: P prompts of a step on this rank, G on-policy rollouts per prompt,
+R rows of a micro-batch (on-policy and expert), L prompt length (left-padded), T response length
+(right-padded), H hidden size, V vocabulary size, K sampled responses per eval problem.
 Alignment: the logits at sequence position t predict token t+1, so the response tokens at positions
 [L, L+T) are scored by the hidden states at positions [L-1, L+T-1).
 
 Departures from the paper and the official code (the README explains each):
- 1. l^E at the position right after the expert's last token is 0 like every other position past
-    the expert (the official value there is an artefact of sequence packing).
- 2. The token-mean is over the whole mini-batch across micro-batches and ranks (num_tokens), so
-    the update does not depend on micro-batch size or GPU count (official: per micro-batch).
- 3. A prompt without an expert solution (or with pass_ratio <= 0) has l^E = 0 everywhere (the
-    official code inserts a 2-token dummy expert).
- 4. alpha and lam are flags (hard-coded 0.5 and 0.1 in the official code).
+ 1. l^E is 0 at and past the expert's end (official: a packing artefact right after its end).
+ 2. The token-mean spans the mini-batch over micro-batches and ranks (official: per micro-batch).
+ 3. No expert solution (or pass_ratio <= 0): l^E = 0 (official: a 2-token dummy expert).
+ 4. alpha and lam are flags (official: hard-coded 0.5 and 0.1).
  5. A group with one on-policy row has A = 0 (official: mean 0, std 1, so A = r).
- 6. The official "GRPO" baseline (kept here) has no std normalisation, dual clip and token-mean:
-    closer to Dr.GRPO / DAPO than to the original GRPO.
- 7. Mini-batches hold whole groups (120 prompts = 4 optimizer steps per training step in the paper
-    preset; the official code sizes them in rows and makes a short fifth one).
- 8. Rows whose advantage is exactly 0 contribute exactly 0 to loss and gradient; they are counted
-    in the token-mean but not run through the model in the update.
- 9. The expert response is the solution text + the end-of-turn token, teacher-forced after the same
-    chat prompt (images included) and scored at the rollout temperature.
-10. The images reach the model (the published official code drops them before building the prompt).
-11. Qwen's vision tokens are suppressed at sampling and excluded from every log-prob, so pi_old is
-    the sampler's distribution; nothing from the model folder's generation_config.json shapes it.
-12. Reward: cm² is dropped, a multiple-choice letter is read after the first \\boxed{ wherever it
-    stands, a numeric ground truth is read as a string (the official reward does none of these).
+ 6. "GRPO" is the official baseline: no std, dual clip, token-mean (closer to Dr.GRPO / DAPO).
+ 7. Mini-batches hold whole groups (official: rows of 10, a short fifth mini-batch per step).
+ 8. Rows with A = 0 count in the token-mean but skip the update's forward (they add exactly 0).
+ 9. The expert row is the solution + end-of-turn, teacher-forced at the rollout temperature.
+10. The images reach the model (the published official code drops them).
+11. Vision tokens are never sampled nor scored, and nothing else shapes sampling: pi_old is
+    exactly the sampler's softmax(logits / T), whatever the model folder's generation_config says.
+12. Reward: cm² is dropped, a multiple-choice letter is read after the first \\boxed{, a numeric
+    ground truth is a string (the official reward does none of these).
 13. A uniform group has A = 0 exactly (the official float32 mean leaves ~1e-8).
 
-What is not the algorithm (data validation, the answer checker's sandbox, checkpoints, logging,
-the torchrun / FSDP2 helpers) lives in infra.py beside this file.
+The machinery that is not the algorithm (validation, checkpoints, FSDP2 ...) is in infra.py.
 """
 import argparse
 import dataclasses
 import math
 import os
 import re
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -78,25 +63,21 @@ import infra  # noqa: E402  (after the switch above: transformers may import tri
 def arg(default, help, choices=None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
-
 @dataclass
 class Args:
     model: str = arg(None, "HF id or local path; default: the tiny Qwen2.5-VL in data/")
     data: str = arg(None, "training data, .parquet or .jsonl; default: the bundled demo data")
     eval_data: str = arg(None, "validation data (same schema); the demo's default: its val split")
-    algo: str = arg("calibrl", "the objective: CalibRL or a baseline of the paper",
-                    ["calibrl", "grpo", "luffy", "rlplus"])
+    algo: str = arg("calibrl", "CalibRL or a baseline", ["calibrl", "grpo", "luffy", "rlplus"])
     preset: str = arg(None, "default: demo without --model, paper with it", ["demo", "paper"])
-    steps: int = arg(60, "training steps (rollout + log-probs + update); the paper preset: one "
-                         "epoch over --data, as the official run")
-    shuffle: bool = arg(True, "reshuffle the data each epoch with --seed (--no-shuffle: file order)")
+    steps: int = arg(60, "training steps (rollout, log-probs, update); paper: one epoch")
+    shuffle: bool = arg(True, "reshuffle the data each epoch (--no-shuffle: file order)")
     output_dir: str = arg(None, "run folder; default runs/<algo>-<timestamp>")
     resume: bool = arg(False, "continue from the newest complete checkpoint in --output-dir")
     overwrite: bool = arg(False, "start afresh in an --output-dir that holds another run")
     skip_bad_rows: bool = arg(False, "drop malformed data rows (reported) instead of stopping")
     reward_timeout: float = arg(5.0, "seconds one answer check may take; slower ones score 0")
-    max_bad_steps: int = arg(3, "stop (after a checkpoint) after this many consecutive steps "
-                                "with a non-finite loss or gradient")
+    max_bad_steps: int = arg(3, "consecutive steps with a non-finite loss or gradient that stop")
     save_every: int = arg(0, "checkpoint every N steps (0: only at the end)")
     eval_every: int = arg(10, "evaluate on --eval-data every N steps (0: never)")
     eval_only: bool = arg(False, "only evaluate --model on --eval-data and exit")
@@ -123,25 +104,21 @@ class Args:
     alpha: float = arg(0.5, "LeakyReLU negative slope of the guided term")
     lam: float = arg(0.1, "weight lambda of the guided term")
     std_normalize: bool = arg(False, "divide A by the group's std + 1e-6 (not a uniform group's)")
-    mixup: str = arg("random", "which groups keep their expert row (LUFFY, RL-PLUS)",
-                     ["random", "pass"])
+    mixup: str = arg("random", "which groups keep the expert (LUFFY, RL-PLUS)", ["random", "pass"])
     mixup_ratio: float = arg(1.0, "mixup random: probability that a group keeps its expert row")
     mixup_pass_min: float = arg(0.0, "mixup pass: keep the expert if the group's pass rate >= this")
     mixup_pass_max: float = arg(1.0, "mixup pass: ... and <= this")
     solution_key: str = arg("solution", "row field holding the expert solution")
-    answer_key: str = arg(None, "row field holding the ground truth; default: "
-                                "reward_model.ground_truth (verl's), else answer")
+    answer_key: str = arg(None, "row field of the ground truth [reward_model.ground_truth, answer]")
     gradient_checkpointing: bool = arg(False, "recompute activations in backward")
     dtype: str = arg("auto", "compute dtype; auto: bf16 on GPU, fp32 on CPU",
                      ["auto", "float32", "bfloat16", "float16"])
-    fused: str = arg("auto", "the fused Triton log-prob/loss op; auto: on with CUDA",
-                     ["auto", "on", "off"])
+    fused: str = arg("auto", "the fused Triton loss op; auto: on with CUDA", ["auto", "on", "off"])
     tensorboard: bool = arg(False, "also write TensorBoard events to --output-dir")
-
 
 PRESETS = {
     # The official recipe (spec: "Training step"; the official 7B script: total_epochs=1,
-    # data.shuffle=False, drop_last, test_freq=5, save_freq=10). steps=None: one epoch over the data.
+    # data.shuffle=False, drop_last, test_freq=5, save_freq=10); steps=None: one epoch.
     "paper": dict(group_size=10, prompts_per_step=480, mini_batch_prompts=120, micro_batch_size=8,
                   rollout_batch_prompts=16, lr=1e-6, weight_decay=0.01, max_grad_norm=1.0,
                   temperature=1.0, top_p=1.0, max_prompt_length=20480, max_response_length=4096,
@@ -150,7 +127,6 @@ PRESETS = {
     # Sized for 2 CPU cores and the tiny model (the dataclass defaults are this preset).
     "demo": {},
 }
-
 
 def parse_args(argv=None):
     paper = ", ".join(f"{k}={'one epoch' if v is None else v}" for k, v in PRESETS["paper"].items())
@@ -176,7 +152,6 @@ DEMO_MODEL = os.path.join(DATA_DIR, "tiny-qwen2.5-vl")
 DEMO_TRAIN = os.path.join(DATA_DIR, "demo", "train.jsonl")
 DEMO_VAL = os.path.join(DATA_DIR, "demo", "val.jsonl")
 
-
 def load_model(path, dtype, device):
     """-> model, processor, tok, is_vlm. tok is the tokenizer, with the ids the loop needs:
     tok.eos_id (ends the expert's solution), tok.pad_id, tok.stop_ids (any ends a sampled
@@ -189,23 +164,24 @@ def load_model(path, dtype, device):
         cls = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
         model = cls.from_pretrained(path, dtype=dtype).to(device)
         processor = infra.load_processor(path, config)
-    except (OSError, ValueError, KeyError) as e:  # no such folder, no hub access, unknown model type
+    except (OSError, ValueError, KeyError) as e:  # no folder, no hub access, unknown model type
         raise SystemExit(f"error: model {path}: cannot be loaded "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:300]})")
     tok = getattr(processor, "tokenizer", processor)
     if tok.chat_template is None and getattr(processor, "chat_template", None) is None:
         raise SystemExit(f"error: model {path}: its tokenizer/processor has no chat template")
     im_end = tok.convert_tokens_to_ids("<|im_end|>")  # a response ends with the turn
-    tok.eos_id = im_end if isinstance(im_end, int) and im_end != tok.unk_token_id else tok.eos_token_id
+    known = isinstance(im_end, int) and im_end != tok.unk_token_id
+    tok.eos_id = im_end if known else tok.eos_token_id
     tok.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_id
     shipped = model.generation_config
-    extra = shipped.eos_token_id if isinstance(shipped.eos_token_id, list) else [shipped.eos_token_id]
-    tok.stop_ids = sorted({tok.eos_id, *(i for i in extra if i is not None)})  # + Qwen's <|endoftext|>
+    extra = shipped.eos_token_id
+    extra = extra if isinstance(extra, list) else [extra]
+    tok.stop_ids = sorted({tok.eos_id, *(i for i in extra if i is not None)})  # Qwen: <|endoftext|>
     # An untrained model samples <|image_pad|> and the like, which the next forward cannot take.
-    vision = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
-              "vision_token_id")
-    tok.suppress_ids = sorted({i for i in (getattr(config, k, None) for k in vision)
-                               if isinstance(i, int)})
+    vision = [getattr(config, k, None) for k in ("image_token_id", "video_token_id",
+              "vision_start_token_id", "vision_end_token_id", "vision_token_id")]
+    tok.suppress_ids = sorted({i for i in vision if isinstance(i, int)})
     # generate() fills every field our sampler leaves unset from the folder's generation_config.json
     # (Qwen2.5-VL-Instruct: repetition_penalty 1.05, top_k 1, top_p 0.001, temperature 0.1): keep
     # only the token ids. Checkpoints write the shipped file back.
@@ -221,17 +197,16 @@ INSTRUCTION = ("You FIRST think about the reasoning process as an internal monol
                "provide the final answer. The reasoning process MUST BE enclosed within <think> "
                "</think> tags. The final answer MUST BE put in <answer> </answer> tags.")
 
-
 def with_instruction(messages):
     """Append the instruction to the last user text, once: not when any message (the system one
     included) already holds it, whitespace aside."""
     squash = lambda text: re.sub(r"\s+", "", text)
     given = squash("".join(p.get("text", "") for m in messages for p in m["content"]))
-    texts = [p for m in messages if m["role"] == "user" for p in m["content"] if p.get("type") == "text"]
+    texts = [p for m in messages if m["role"] == "user"
+             for p in m["content"] if p.get("type") == "text"]
     if texts and squash(INSTRUCTION) not in given:
         texts[-1]["text"] = texts[-1]["text"].rstrip() + " " + INSTRUCTION
     return messages
-
 
 def encode_prompt(processor, ex, is_vlm):
     """One prompt -> {input_ids (1, L), attention_mask (1, L), and for a VLM mm_token_type_ids
@@ -245,7 +220,6 @@ def encode_prompt(processor, ex, is_vlm):
         images = [infra.open_image(r) for r in ex["images"]]
         return dict(processor(text=[text], images=images or None, return_tensors="pt"))
     return dict(processor([text], return_tensors="pt", add_special_tokens=False))
-
 
 def load_examples(path, args, processor, tok, is_vlm, say=print, train=True):
     """The data rows as examples {messages, images, answer, solution}, each one checked before the
@@ -262,7 +236,6 @@ ANSWER_RE = re.compile(r"<answer>\s*([^<]+?)\s*</answer>")
 FORMAT_RE = re.compile(r"^<think>.*?</think>.*?<answer>.*?</answer>$", re.DOTALL)
 UNIT_RE = re.compile(r"(?<=\d)(?:cm²|cm|minutes|meters|a\.m\.|p\.m\.|\\%|%)")
 
-
 def normalize_answer(s):
     s = s.replace("dfrac", "frac")
     s = re.sub(r"\\text\{([^}]*)\}", r"\1", s)  # as the official code: the first } closes \text{
@@ -270,7 +243,6 @@ def normalize_answer(s):
     s = s.replace("\\varnothing", "\\emptyset")
     s = UNIT_RE.sub("", s)  # units and percent signs after a number (cm² too: departure 12)
     return re.sub(r"\\degree|degrees|°", r"^\\circ", s)
-
 
 def math_equal(pred, gt):
     from math_verify import parse, verify  # timeouts off: infra.Verifier bounds each check
@@ -284,9 +256,7 @@ def math_equal(pred, gt):
     # symmetric ("x >= 1" against "[1, oo)" scores 1, the reverse 0)
     return float(bool(guess) and verify(guess, gold, timeout_seconds=None))
 
-
 VERIFY = infra.Verifier(math_equal)  # math-verify can hang in C code: a worker bounded in time
-
 
 def reward_fn(response, ground_truth):
     """-> (accuracy, format) in {0, 1}^2; never raises."""
@@ -323,10 +293,9 @@ class Row:
     def passed(self):  # from the accuracy, never from a float reward
         return self.acc == 1.0
 
-
 @dataclass
 class Group:
-    """One prompt: its G on-policy rows and, unless --algo grpo or it has no solution, its expert."""
+    """A prompt's G on-policy rows and, unless --algo grpo or it has no solution, its expert."""
     example: dict                        # {messages, images, answer, solution}
     enc: dict                            # encode_prompt(example): input_ids (1, L_p), ...
     rows: list                           # G on-policy Rows
@@ -336,12 +305,9 @@ class Group:
     def all_rows(self):
         return self.rows + ([self.expert] if self.expert else [])
 
-
 def collate(encs, responses, pad_id, device):
-    """Left-pad prompts to L, right-pad responses to T: every row's response starts at column L.
-    encs: one prompt encoding per row; responses: one (T_i,) tensor per row, or None.
-    -> model inputs {input_ids (R, L+T), attention_mask, [mm_token_type_ids, pixel_values,
-    image_grid_thw]} and L."""
+    """One prompt encoding and one (T_i,) response (or none) per row -> model inputs and L.
+    Prompts are left-padded to L, responses right-padded to T: each response starts at column L."""
     L = max(e["input_ids"].shape[1] for e in encs)
     T = max(len(r) for r in responses) if responses else 0
     R = len(encs)
@@ -364,7 +330,6 @@ def collate(encs, responses, pad_id, device):
                                               if "image_grid_thw" in e])
     return {k: v.to(device) for k, v in inputs.items()}, L
 
-
 def sampling_config(args, tok, n, greedy=False):
     """The sampler: softmax(logits / T) over every id but tok.suppress_ids (top-p when below 1), or
     greedy. Every field that shapes the distribution is set here (load_model cleared the folder's
@@ -375,7 +340,6 @@ def sampling_config(args, tok, n, greedy=False):
                             repetition_penalty=1.0, max_new_tokens=args.max_response_length,
                             num_return_sequences=n, eos_token_id=tok.stop_ids,
                             pad_token_id=tok.pad_id, suppress_tokens=tok.suppress_ids or None)
-
 
 @torch.no_grad()
 def generate(policy, tok, encs, n, args, device, greedy=False):
@@ -389,7 +353,6 @@ def generate(policy, tok, encs, n, args, device, greedy=False):
             end = torch.isin(s, torch.tensor(tok.stop_ids)).nonzero()
             out.append(s[: end[0, 0] + 1] if len(end) else s)
     return out
-
 
 def rollout(policy, tok, examples, encs, args, device):
     """-> [Group]: G sampled responses per prompt, scored by the reward, and (unless grpo, and when
@@ -408,8 +371,7 @@ def rollout(policy, tok, examples, encs, args, device):
     return groups
 
 # -----------------------------------------------------------------------------
-# Log-probs: one scoring function for pi_old, l^E (Eq. B) and the update, so rho = 1 on the first
-# update. Only the response positions reach the LM head: prompt and image tokens never do.
+# Log-probs: one scoring function for pi_old, l^E (Eq. B) and the update, so rho = 1 at first.
 
 def token_logprobs(logits, targets, temperature=1.0, suppress_ids=None):
     """The readable reference (the fused kernel is tested against it).
@@ -423,7 +385,6 @@ def token_logprobs(logits, targets, temperature=1.0, suppress_ids=None):
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)                # (...)
     entropy = -(logp_all.exp() * logp_all).sum(-1)                               # (...)
     return logp, entropy
-
 
 class Policy(torch.nn.Module):
     """The model, as FSDP2's root unit: all that touches the weights runs in this forward, around
@@ -445,33 +406,20 @@ class Policy(torch.nn.Module):
         h, targets = h[:, L - 1:-1], inputs["input_ids"][:, L:]  # position t scores token t+1
         W = self.model.get_output_embeddings().weight                                 # (V, H)
         if self.fused:  # Triton: no (R, T, V) logits are ever held; Eq. C inside the kernel
-            ops, kw = infra.fused_ops(), dict(temperature=self.temperature, suppress_ids=self.suppress_ids)
+            ops = infra.fused_ops()
+            kw = dict(temperature=self.temperature, suppress_ids=self.suppress_ids)
             if loss is not None:
                 return ops.fused_policy_loss(h, W, targets, **loss, **kw)
             return ops.fused_logprobs(h, W, targets, **kw)
         logp, entropy = token_logprobs(h @ W.T, targets, self.temperature, self.suppress_ids)
         return (logp, entropy) if loss is None else policy_loss(logp, **loss)
 
-
-def micro_batches(items, size):
-    """Chunks of `size` items, padded with None (dummy work) so every rank runs as many forwards."""
-    return infra.in_step([items[i:i + size] for i in range(0, len(items), size)])
-
-
-def pad_rows(vectors, T):
-    """[(T_i,) tensors] -> (len, T), zero past each vector's end."""
-    out = torch.zeros(len(vectors), T, dtype=vectors[0].dtype)
-    for i, v in enumerate(vectors):
-        out[i, :min(len(v), T)] = v[:T]
-    return out
-
-
 @torch.no_grad()
 def old_logprobs(policy, groups, args, device, pad_id):
     """The pi_old pass: log pi_old and the entropy of every row, on-policy and expert, in one
     no-grad pass at the rollout temperature before any weight moves."""
     rows = [(r, g) for g in groups for r in g.all_rows()]
-    for chunk in micro_batches(rows, args.micro_batch_size):
+    for chunk in infra.micro_batches(rows, args.micro_batch_size):
         batch = chunk or rows[:1]  # dummy work: score a stand-in row, keep nothing
         inputs, L = collate([g.enc for _, g in batch], [r.resp for r, _ in batch], pad_id, device)
         logp, entropy = policy(inputs, L)                                          # (R, T) each
@@ -501,7 +449,6 @@ def group_advantages(rewards, group_size, std_normalize=False, eps=1e-6, expert_
         return adv
     return adv, ((expert_rewards.view(-1, 1) - mu) / scale).view(-1)
 
-
 def advantages(groups, args):
     """Eq. A for every group; Eq. B: l^E is the expert row's pi_old log-probs, shared by the group
     and aligned by response position; mixup decides whether the expert row joins the loss."""
@@ -518,7 +465,7 @@ def advantages(groups, args):
             keep = (torch.rand(()).item() < args.mixup_ratio if args.mixup == "random"
                     else args.mixup_pass_min <= pass_rate <= args.mixup_pass_max)
             g.expert.adv = adv_e.item()
-            g.expert.in_loss = keep and args.algo in ("luffy", "rlplus")  # CalibRL: never trained on
+            g.expert.in_loss = keep and args.algo in ("luffy", "rlplus")  # CalibRL: never trained
     return groups
 
 # -----------------------------------------------------------------------------
@@ -527,10 +474,9 @@ def advantages(groups, args):
 def policy_loss(logp, old_logp, advantages, mask, *, algo="calibrl", expert_logp=None, passed=None,
                 expert_rows=None, clip_low=0.2, clip_high=0.2, clip_c=3.0, alpha=0.5, lam=0.1,
                 num_tokens=None):
-    """logp / old_logp / expert_logp / mask (R, T); advantages / passed / expert_rows (R,).
-    expert_logp is each row's l^E, broadcast from its group; on an expert row, old_logp is
-    pi_old(e_t). -> (sum of the per-token losses of the counted tokens) / (num_tokens or their
-    count), and the metrics of this call."""
+    """logp / old_logp / expert_logp (each row's l^E) / mask (R, T); advantages / passed /
+    expert_rows (R,); on an expert row old_logp is pi_old(e_t). -> (sum of the per-token losses of
+    the counted tokens) / (num_tokens or their count), and the metrics of this call."""
     R, T = logp.shape
     mask = mask.to(logp.dtype)
     is_exp = (torch.zeros(R, dtype=torch.bool, device=logp.device) if expert_rows is None
@@ -553,7 +499,7 @@ def policy_loss(logp, old_logp, advantages, mask, *, algo="calibrl", expert_logp
         per_tok = per_tok + lam * g * on                                         # expert rows: out
     elif algo in ("luffy", "rlplus"):
         p = torch.where(mask > 0, logp, torch.zeros_like(logp)).exp()            # pi_theta(e_t)
-        if algo == "luffy":  # shaped off-policy term -A_E f(p), f(p) = p / (p + 0.1): no ratio, clip
+        if algo == "luffy":  # shaped off-policy term -A_E f(p), f(p) = p / (p + 0.1), no clip
             off = -A * p / (p + 0.1)
         else:  # RL-PLUS: -A_E w sg[(1 - p)^0.5], w = 2p / (pi_old + (pi_old + 1) / 2)
             p_old = torch.where(mask > 0, old_logp, torch.zeros_like(logp)).exp()
@@ -590,20 +536,19 @@ def update(policy, opt, sched, groups, args, device, pad_id, world):
             # departure 2: the token-mean is over the whole mini-batch, all ranks
             num_tokens = max(infra.all_sum(sum(len(r.resp) for r, _ in rows)), 1.0)
             live = [(r, g) for r, g in rows if r.adv != 0.0]  # departure 8: A = 0 adds exactly 0
-            for chunk in micro_batches(live, args.micro_batch_size):
+            for chunk in infra.micro_batches(live, args.micro_batch_size):
                 w = 1.0 if chunk else 0.0  # dummy work: a stand-in row, weight 0
                 batch = chunk or [(groups[0].rows[0], groups[0])]
                 T = max(len(r.resp) for r, _ in batch)
-                rows_of = lambda f, dtype=None: torch.tensor([f(r) for r, _ in batch], dtype=dtype,
-                                                             device=device)  # (R,)
-                loss_in = dict(  # Eq. C's inputs, (R, T) and (R,)
-                    old_logp=pad_rows([r.old_logp for r, _ in batch], T).to(device),
-                    mask=pad_rows([torch.ones(len(r.resp)) for r, _ in batch], T).to(device),
-                    expert_logp=pad_rows([g.expert_logp for _, g in batch], T).to(device),  # l^E
-                    advantages=rows_of(lambda r: r.adv, torch.float32),
-                    passed=rows_of(lambda r: r.passed), expert_rows=rows_of(lambda r: r.expert),
-                    algo=args.algo, clip_low=args.clip_low, clip_high=args.clip_high,
-                    clip_c=args.clip_c, alpha=args.alpha, lam=args.lam, num_tokens=num_tokens)
+                per_row = lambda f: torch.tensor([f(r) for r, _ in batch], device=device)  # (R,)
+                loss_in = dict(  # Eq. C's inputs: (R, T) and (R,) tensors, then the coefficients
+                    old_logp=infra.pad_rows([r.old_logp for r, _ in batch], T).to(device),
+                    mask=infra.pad_rows([torch.ones(len(r.resp)) for r, _ in batch], T).to(device),
+                    expert_logp=infra.pad_rows([g.expert_logp for _, g in batch], T).to(device),
+                    advantages=per_row(lambda r: r.adv).float(), passed=per_row(lambda r: r.passed),
+                    expert_rows=per_row(lambda r: r.expert), algo=args.algo, clip_low=args.clip_low,
+                    clip_high=args.clip_high, clip_c=args.clip_c, alpha=args.alpha, lam=args.lam,
+                    num_tokens=num_tokens)
                 inputs, L = collate([g.enc for _, g in batch], [r.resp for r, _ in batch], pad_id,
                                     device)
                 loss, m = policy(inputs, L, loss=loss_in)
@@ -625,69 +570,48 @@ def update(policy, opt, sched, groups, args, device, pad_id, world):
     return stats, infra.all_max(first_dev)
 
 # -----------------------------------------------------------------------------
-# Evaluation: K samples at the training temperature (mean@K, ours) and one greedy response (the
-# official protocol), on a random stream of its own.
-
-EVAL_KEYS = ("eval/accuracy", "eval/pass@k", "eval/format", "eval/response_length",
-             "eval/greedy_accuracy", "eval/greedy_reward")
-
+# Evaluation: mean@K of K samples (ours) and one greedy response (the official protocol).
 
 @torch.no_grad()
 def evaluate(policy, tok, processor, examples, args, device, is_vlm, rank, world):
     examples = examples[: args.eval_max_prompts or None]
-    mine, k, rb = examples[rank::world], args.eval_samples, args.rollout_batch_prompts
-    stats = {key: [0.0, 0.0] for key in EVAL_KEYS}  # every rank reports every key (reduce_stats)
+    mine, k, rb, stats = examples[rank::world], args.eval_samples, args.rollout_batch_prompts, {}
     devices = [device] if device.type == "cuda" else []
     # seed 10_000 + ...: its own stream, and the training stream is left as it was
     with torch.random.fork_rng(devices=devices), infra.gathered(policy):
         torch.manual_seed(10_000 + args.seed + rank)
         for exs in infra.in_step([mine[i:i + rb] for i in range(0, len(mine), rb)]):
-            # the same number of generate calls on every rank: dummy work decodes examples[0]
-            encs = [encode_prompt(processor, ex, is_vlm) for ex in exs or examples[:1]]
+            # as many generate calls on every rank: dummy work decodes examples[0] with weight 0
+            w, exs = (1.0, exs) if exs else (0.0, examples[:1])
+            encs = [encode_prompt(processor, ex, is_vlm) for ex in exs]
             sampled = generate(policy, tok, encs, k, args, device)
             greedy = generate(policy, tok, encs, 1, args, device, greedy=True)
-            for p, ex in enumerate(exs or []):
-                mine_k = sampled[p * k:(p + 1) * k]
-                scores = [reward_fn(tok.decode(s, skip_special_tokens=True), ex["answer"])
-                          for s in mine_k]
-                infra.add(stats, "eval/accuracy", sum(a for a, _ in scores) / k)
-                infra.add(stats, "eval/pass@k", float(any(a == 1.0 for a, _ in scores)))
-                infra.add(stats, "eval/format", sum(f for _, f in scores) / k)
-                infra.add(stats, "eval/response_length", sum(len(s) for s in mine_k) / k)
-                acc, fmt = reward_fn(tok.decode(greedy[p], skip_special_tokens=True), ex["answer"])
-                infra.add(stats, "eval/greedy_accuracy", acc)  # the official protocol: n = 1
-                infra.add(stats, "eval/greedy_reward", acc + 0.1 * fmt)  # what the official logs
+            for p, ex in enumerate(exs):
+                score = lambda s: reward_fn(tok.decode(s, skip_special_tokens=True), ex["answer"])
+                mine_k = sampled[p * k:(p + 1) * k]                    # K responses to problem p
+                (acc, fmt), scores = score(greedy[p]), [score(s) for s in mine_k]
+                for key, value in (("accuracy", sum(a for a, _ in scores) / k),   # mean@K: ours
+                                   ("pass@k", float(any(a == 1.0 for a, _ in scores))),
+                                   ("format", sum(f for _, f in scores) / k),
+                                   ("response_length", sum(len(s) for s in mine_k) / k),
+                                   ("greedy_accuracy", acc),     # the official protocol: n = 1
+                                   ("greedy_reward", acc + 0.1 * fmt)):  # what it logs
+                    infra.add(stats, "eval/" + key, value, w)
     return infra.reduce_stats(stats)
 
 # -----------------------------------------------------------------------------
 # Main loop: rollout -> pi_old log-probs and l^E -> advantages -> update -> log, eval, save.
 
 def main(argv=None):
-    import warnings
-    warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP, one process
     args = parse_args(argv)
     rank, world, device = infra.setup_distributed()
-    if args.prompts_per_step % world or args.mini_batch_prompts % world:
-        raise SystemExit(f"error: --prompts-per-step ({args.prompts_per_step}) and "
-                         f"--mini-batch-prompts ({args.mini_batch_prompts}) must be multiples of "
-                         f"the number of ranks ({world})")
+    infra.check_args(args, world)  # every flag's range, before the model loads
     say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    # the training stream (sampling, mixup): a stream per rank, apart for up to 1000 ranks
+    # the training stream (sampling, mixup): one per rank, apart for up to 1000 ranks
     torch.manual_seed(args.seed * 1000 + rank)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16,
-             "float16": torch.float16}[args.dtype]
-    fused = (device.type == "cuda" if args.fused == "auto" else args.fused == "on")
-    if args.model is None and not os.path.exists(DEMO_MODEL):
-        say("building the demo model and data (data/make_demo.py) ...")
-        subprocess.run([sys.executable, os.path.join(DATA_DIR, "make_demo.py")], check=True)
-    model_path = args.model or DEMO_MODEL
-    if args.data is None:
-        args.data, args.eval_data = DEMO_TRAIN, args.eval_data or DEMO_VAL
-        if args.model:
-            say(f"notice: no --data given; training {args.model} on the bundled demo data")
-
-    # under FSDP the parameters are fp32 master weights and compute runs in `dtype`
+    dtype, fused = infra.compute_dtype(args.dtype, device), infra.use_fused(args.fused, device)
+    model_path = infra.demo_defaults(args, DEMO_MODEL, DEMO_TRAIN, DEMO_VAL, say)
+    # under FSDP the parameters are fp32 master weights, and compute runs in `dtype`
     model, processor, tok, is_vlm = load_model(
         model_path, torch.float32 if infra.distributed() else dtype, device)
     if args.gradient_checkpointing:
@@ -698,9 +622,7 @@ def main(argv=None):
     eval_set = (load_examples(args.eval_data, args, processor, tok, is_vlm, say, train=False)
                 if args.eval_data else [])
     run_eval = lambda: evaluate(policy, tok, processor, eval_set, args, device, is_vlm, rank, world)
-    out_dir = infra.prepare_output_dir(
-        args.output_dir or os.path.join("runs", f"{args.algo}-{time.strftime('%Y%m%d-%H%M%S')}"),
-        args, rank)
+    out_dir = infra.prepare_output_dir(args, rank)
     logger = infra.Logger(out_dir, rank, args.tensorboard, args.steps)
     if args.eval_only:
         logger.log(0, run_eval())
@@ -712,22 +634,17 @@ def main(argv=None):
                          f"step's --prompts-per-step {args.prompts_per_step}")
     if args.steps is None:  # one epoch, the last partial step dropped (the official run)
         args.steps = logger.steps = len(data) // args.prompts_per_step
-    # before any forward: after one, FSDP2's root holds unsharded parameters the optimizer must not keep
+    # before any forward: after one, FSDP2's root holds unsharded parameters the optimizer must not
+    # keep; a constant learning rate after a linear warm-up
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
+    warmup = lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup)
     stream = infra.PromptStream(len(data), args.seed, args.shuffle)
-    start = 0
-    if args.resume and infra.checkpoints(out_dir):
-        path = infra.checkpoints(out_dir)[-1][1]
-        start = infra.load_checkpoint(policy, opt, sched, stream, path, rank)
-        logger.truncate(start)
-        say(f"resuming from {path} (step {start})")
+    start = infra.resume(policy, opt, sched, stream, out_dir, logger, args, rank, say)
     say(f"calibrl | algo {args.algo} | preset {args.preset} | model {model_path} | "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | {len(data)} train rows "
         f"| world {world} | device {device} {dtype} | fused {fused} | out {out_dir}")
-    stop = []  # SIGTERM / SIGINT: finish the step, write a checkpoint, exit 0
-    handlers = {sig: signal.signal(sig, lambda *_: stop.append(1))
-                for sig in (signal.SIGTERM, signal.SIGINT)}
+    stop = infra.StopRequest()  # SIGTERM / SIGINT: finish the step, write a checkpoint, exit 0
     if eval_set and args.eval_every and start == 0:
         logger.log(0, run_eval())
 
@@ -749,49 +666,35 @@ def main(argv=None):
         stats, first_dev = update(policy, opt, sched, groups, args, device, tok.pad_id, world)
         t3 = time.time()
 
-        infra.add(stats, "train/expert_accuracy", 0.0, 0)  # a rank without expert rows has the key
-        for g in groups:
-            for r in g.rows:
-                infra.add(stats, "train/reward", r.reward)
-                infra.add(stats, "train/accuracy", r.acc)
-                infra.add(stats, "train/format", r.fmt)
-                infra.add(stats, "train/response_length", len(r.resp))
-                infra.add(stats, "train/entropy", r.entropy.mean().item(), len(r.resp))
-                infra.add(stats, "train/zero_adv_rows", float(r.adv == 0.0))
-            if g.expert:
-                infra.add(stats, "train/expert_accuracy", g.expert.acc)
-        metrics = infra.reduce_stats(stats)
+        metrics = infra.step_metrics(stats, groups)  # train/*: the on-policy rows' means
         n_tokens = infra.all_sum(sum(len(r.resp) for g in groups for r in g.all_rows()))
         metrics.update({"loss/ratio_first_dev": first_dev, "time/rollout": t1 - t0,
                         "time/logprob": t2 - t1, "time/update": t3 - t2, "time/step": t3 - t0,
-                        "perf/tokens_per_sec": n_tokens / (t3 - t0), "train/lr": sched.get_last_lr()[0],
+                        "perf/tokens_per_sec": n_tokens / (t3 - t0),
+                        "train/lr": sched.get_last_lr()[0],
                         "train/reward_failures": infra.all_sum(VERIFY.failures - failures)})
         logger.log(step, metrics)
         if first_dev > 1e-3:  # the self-check: pi_theta == pi_old before the first optimizer step
-            say(f"warning: step {step}: |pi_theta/pi_old - 1| = {first_dev:.1e} on the first "
-                "update (do the log-prob paths differ?)")
+            say(f"warning: step {step}: |rho - 1| = {first_dev:.1e} at theta_old: paths differ?")
         bad_streak = bad_streak + 1 if metrics["loss/skipped_frac"] > 0 else 0
         if eval_set and args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             logger.log(step, run_eval())
-        stopping = infra.all_max(len(stop)) > 0
-        diverged = bad_streak >= args.max_bad_steps
-        if ((args.save_every and step % args.save_every == 0) or step == args.steps or stopping
-                or diverged):
+        stopping, diverged = stop.agreed(), bad_streak >= args.max_bad_steps
+        if (args.save_every and step % args.save_every == 0) or step == args.steps or stopping \
+                or diverged:
             path = infra.save_checkpoint(policy, processor, opt, sched, stream, step, out_dir, rank)
         if stopping:
             say(f"stopped by signal after step {step}; checkpoint {path}; continue with --resume")
         if stopping or diverged:
             break
-    for sig, h in handlers.items():
-        signal.signal(sig, h)
+    stop.restore()
     if infra.distributed():
         torch.distributed.destroy_process_group()
-    if diverged:  # skipped steps left the weights untouched: the checkpoint holds the last good ones
+    if diverged:  # the skipped steps left the weights untouched: the checkpoint holds good ones
         raise SystemExit(f"error: non-finite loss or gradient norm in {bad_streak} consecutive "
                          f"steps (up to step {step}); those optimizer steps were skipped and the "
                          f"weights are saved in {path}")
     return out_dir
-
 
 if __name__ == "__main__":
     main()

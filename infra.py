@@ -21,7 +21,6 @@ builder, its answer check), so there is no import circle.
 import contextlib
 import io
 import json
-import math
 import os
 import random
 import re
@@ -35,16 +34,18 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # -----------------------------------------------------------------------------
-# torchrun and FSDP2. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; `python calibrl.py` is rank 0 of 1.
+# torchrun and FSDP2: torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; `python calibrl.py` is rank 0.
 
 def setup_distributed():
     """-> rank, world, device; under torchrun (even with one process) a process group for FSDP2."""
+    import warnings
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP, one process
     rank, world, local = (int(os.environ.get(k, d)) for k, d in
                           (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     if torch.cuda.is_available() and local >= torch.cuda.device_count():
-        raise SystemExit(f"error: local rank {local} has no GPU ({torch.cuda.device_count()} visible): "
-                         "start at most one process per GPU, or hide the GPUs (CUDA_VISIBLE_DEVICES=) "
-                         "to run on CPUs")
+        raise SystemExit(f"error: local rank {local} has no GPU ({torch.cuda.device_count()} "
+                         "visible): start at most one process per GPU, or hide the GPUs "
+                         "(CUDA_VISIBLE_DEVICES=) to run on CPUs")
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -77,6 +78,40 @@ def barrier():
         torch.distributed.barrier()
 
 
+def check_args(args, world):
+    """User errors in the flags, each a clear message before the model loads."""
+    if args.prompts_per_step % world or args.mini_batch_prompts % world:
+        raise SystemExit(f"error: --prompts-per-step ({args.prompts_per_step}) and "
+                         f"--mini-batch-prompts ({args.mini_batch_prompts}) must be multiples of "
+                         f"the number of ranks ({world})")
+
+
+def compute_dtype(name, device):
+    """--dtype: auto is bf16 on a GPU, fp32 on a CPU."""
+    auto = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"auto": auto, "float32": torch.float32, "bfloat16": torch.bfloat16,
+            "float16": torch.float16}[name]
+
+
+def use_fused(flag, device):
+    """--fused: auto is on with CUDA (on a CPU the kernels run in Triton's slow interpreter)."""
+    return device.type == "cuda" if flag == "auto" else flag == "on"
+
+
+def demo_defaults(args, demo_model, demo_train, demo_val, say):
+    """Without --model: the bundled tiny model (built by data/make_demo.py when missing); without
+    --data: the bundled demo data and its validation split. -> the model path."""
+    if args.model is None and not os.path.exists(demo_model):
+        import subprocess
+        say("building the demo model and data (data/make_demo.py) ...")
+        subprocess.run([sys.executable, os.path.join(HERE, "data", "make_demo.py")], check=True)
+    if args.data is None:
+        args.data, args.eval_data = demo_train, args.eval_data or demo_val
+        if args.model:
+            say(f"notice: no --data given; training {args.model} on the bundled demo data")
+    return args.model or demo_model
+
+
 def in_step(work):
     """The one idiom for keeping ranks in step: FSDP's collectives (and synced generation) must pair
     up, so every rank runs as many forwards. `work` is this rank's list of items; it comes back
@@ -86,8 +121,8 @@ def in_step(work):
 
 
 def shard(policy, compute_dtype, device):
-    """FSDP2: each decoder layer and vision block, the vision tower, then the root; bf16 compute with
-    fp32 gradient reduction on GPUs (the parameters stay fp32 master weights)."""
+    """FSDP2: each decoder layer and vision block, the vision tower, then the root; bf16 compute
+    with fp32 gradient reduction on GPUs (the parameters stay fp32 master weights)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = (MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
           if device.type == "cuda" else MixedPrecisionPolicy())
@@ -119,6 +154,19 @@ def gathered(policy):
             m.set_reshard_after_forward(True, recurse=False)
 
 
+def micro_batches(items, size):
+    """Chunks of `size` items, padded with None (dummy work) so every rank runs as many forwards."""
+    return in_step([items[i:i + size] for i in range(0, len(items), size)])
+
+
+def pad_rows(vectors, T):
+    """[(T_i,) tensors] -> (len, T), zero past each vector's end."""
+    out = torch.zeros(len(vectors), T, dtype=vectors[0].dtype)
+    for i, v in enumerate(vectors):
+        out[i, :min(len(v), T)] = v[:T]
+    return out
+
+
 def clip_grad_norm(model, max_norm):
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
@@ -140,7 +188,7 @@ def load_processor(path, config):
         pass
     # Without torchvision, Qwen2-VL-family processors fail on their video processor. The same class
     # with an __init__ that takes no video processor handles images identically; it keeps the base
-    # class's name so its saved processor_config.json loads as the real one where torchvision exists.
+    # class's name, so its saved processor_config.json loads as the real one with torchvision.
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
     base = getattr(transformers, PROCESSOR_MAPPING_NAMES[config.model_type])
 
@@ -150,16 +198,16 @@ def load_processor(path, config):
 
 
 def fused_ops():
-    """kernels/fused_calibrl.py, loaded by its path under a name of its own. kernels/ is no package on
-    purpose: an installed distribution named `kernels` (Hugging Face's, which transformers imports
-    when present) must neither be shadowed by this folder nor shadow it."""
+    """kernels/fused_calibrl.py, loaded by its path under a name of its own. kernels/ is no package
+    on purpose: an installed distribution named `kernels` (Hugging Face's, which transformers
+    imports when present) must neither be shadowed by this folder nor shadow it."""
     name = "calibrl_fused_kernels"
     if name not in sys.modules:
         import importlib.util
         path = os.path.join(HERE, "kernels", "fused_calibrl.py")
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # before exec: the module must be importable by name while it runs
+        sys.modules[name] = module  # before exec: importable by name while it runs
         spec.loader.exec_module(module)
     return sys.modules[name]
 
@@ -171,7 +219,7 @@ class BadRow(Exception):
 
 
 def read_rows(path):
-    """-> [(row number from 1 in file order, row dict or BadRow)]; a bad file ends the run at once."""
+    """-> [(row number from 1, in file order; row dict or BadRow)]; a bad file ends the run."""
     where = f"data file {path}"
     if not os.path.isfile(path):
         raise SystemExit(f"error: {where}: not found")
@@ -188,7 +236,8 @@ def read_rows(path):
                     try:
                         rows.append((n, json.loads(line)))
                     except json.JSONDecodeError as e:
-                        rows.append((n, BadRow("json", f"invalid JSON ({e.msg} at column {e.colno})")))
+                        bad = BadRow("json", f"invalid JSON ({e.msg} at column {e.colno})")
+                        rows.append((n, bad))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise SystemExit(f"error: {where}: unreadable ({type(e).__name__}: {e})")
     if not rows:
@@ -221,11 +270,11 @@ def parse_row(row, args, base_dir):
         raise BadRow("prompt", "missing or empty")
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
-    if not isinstance(prompt, list) or not all(isinstance(m, dict) and "content" in m for m in prompt):
+    chat = isinstance(prompt, list) and all(isinstance(m, dict) and "content" in m for m in prompt)
+    if not chat:
         raise BadRow("prompt", "neither a string nor a list of chat messages {role, content}")
-    messages = [{"role": m.get("role", "user"),
-                 "content": to_parts(m["content"]) if isinstance(m["content"], str) else list(m["content"])}
-                for m in prompt]
+    parts = lambda c: to_parts(c) if isinstance(c, str) else list(c)
+    messages = [{"role": m.get("role", "user"), "content": parts(m["content"])} for m in prompt]
     placeholders = sum(p.get("type") == "image" for m in messages for p in m["content"])
     if placeholders and placeholders != len(images):
         raise BadRow("prompt", f"{placeholders} <image> placeholders for {len(images)} images")
@@ -248,7 +297,8 @@ def parse_row(row, args, base_dir):
         key = "reward_model.ground_truth"
         if answer is None:
             answer, key = row.get("answer"), "answer"
-    if not isinstance(answer, (str, int, float)) or isinstance(answer, bool) or not str(answer).strip():
+    usable = isinstance(answer, (str, int, float)) and not isinstance(answer, bool)
+    if not usable or not str(answer).strip():
         raise BadRow(key, "missing or empty (neither reward_model.ground_truth nor answer)")
     solution = row.get(args.solution_key)
     if isinstance(solution, (list, tuple)):
@@ -256,7 +306,8 @@ def parse_row(row, args, base_dir):
     if isinstance(solution, dict):
         solution = solution.get("content")
     if solution is not None and not isinstance(solution, str):
-        raise BadRow(args.solution_key, f"not a string, list or message ({type(solution).__name__})")
+        raise BadRow(args.solution_key, f"neither a string, a list nor a message "
+                                        f"({type(solution).__name__})")
     if isinstance(row.get("pass_ratio"), (int, float)) and row["pass_ratio"] <= 0:
         solution = None  # the official data format: no expert for this row
     return dict(messages=messages, images=refs, answer=str(answer), solution=solution or None)
@@ -272,7 +323,8 @@ def read_examples(path, args, tok, is_vlm, prepare, say=print, train=True):
     """Read and check every row before the first step. prepare(example) finishes the prompt (the
     caller's prompt builder) and returns its length in tokens. With bad rows: one message naming the
     file, each row and field, then exit 1 (nothing has run yet); with --skip-bad-rows, the rest.
-    The expert's rules (a solution under LUFFY / RL-PLUS, its length) apply to training rows only."""
+    The expert's rules (a solution under LUFFY / RL-PLUS, its length) apply to training rows
+    only."""
     base, good, bad, no_expert = os.path.dirname(os.path.abspath(path)), [], [], 0
     for n, row in read_rows(path):
         try:
@@ -287,17 +339,21 @@ def read_examples(path, args, tok, is_vlm, prepare, say=print, train=True):
                 try:
                     open_image(ref)
                 except Exception as e:
-                    raise BadRow(f"images[{k}]", f"cannot be read as an image ({type(e).__name__}: {e})"[:200])
+                    why = f"cannot be read as an image ({type(e).__name__}: {e})"
+                    raise BadRow(f"images[{k}]", why[:200])
             n_prompt = prepare(ex)
             if n_prompt > args.max_prompt_length:
-                raise BadRow("prompt", f"{n_prompt} tokens > --max-prompt-length {args.max_prompt_length}")
+                raise BadRow("prompt", f"{n_prompt} tokens > --max-prompt-length "
+                                       f"{args.max_prompt_length}")
             if train and ex["solution"] is None and args.algo in ("luffy", "rlplus"):
-                raise BadRow(args.solution_key, f"missing: --algo {args.algo} needs an expert solution")
+                raise BadRow(args.solution_key, f"missing: --algo {args.algo} needs an expert "
+                                                "solution")
             if ex["solution"] is not None:
                 ids = tok(ex["solution"], add_special_tokens=False)["input_ids"]
                 if len(ids) + 1 > args.max_response_length:  # + the end-of-turn token
-                    raise BadRow(args.solution_key, f"{len(ids) + 1} tokens > --max-response-length "
-                                                    f"{args.max_response_length}")
+                    limit = args.max_response_length
+                    raise BadRow(args.solution_key, f"{len(ids) + 1} tokens > "
+                                                    f"--max-response-length {limit}")
             no_expert += ex["solution"] is None
             good.append(ex)
         except BadRow as e:
@@ -305,21 +361,23 @@ def read_examples(path, args, tok, is_vlm, prepare, say=print, train=True):
     if bad and not args.skip_bad_rows:
         more = f"\n  ... and {len(bad) - 20} more bad rows" if len(bad) > 20 else ""
         raise SystemExit(f"error: data file {path} has {len(bad)} bad rows (fix them, or pass "
-                         "--skip-bad-rows to train on the rest):\n  " + "\n  ".join(bad[:20]) + more)
+                         "--skip-bad-rows to train on the rest):\n  " + "\n  ".join(bad[:20])
+                         + more)
     if bad:
         say(f"warning: {path}: skipped {len(bad)} bad rows of {len(bad) + len(good)}:\n  "
             + "\n  ".join(bad[:20]))
     if not good:
         raise SystemExit(f"error: data file {path}: no usable rows")
     if train and no_expert and args.algo == "calibrl":  # spec decision 3: l^E = 0 for these prompts
-        say(f"warning: {path}: {no_expert} of {len(good)} rows have no expert solution (l^E = 0 for them)")
+        say(f"warning: {path}: {no_expert} of {len(good)} rows have no expert solution "
+            "(l^E = 0 for them)")
     return good
 
 
 class PromptStream:
-    """Epochs over the data, reshuffled with the seed each epoch or in file order (shuffle=False, the
-    official run). A step never spans two epochs: an epoch's last partial batch is dropped, like
-    verl's drop_last, so one epoch is n // k steps. State: (epoch, pos)."""
+    """Epochs over the data, reshuffled with the seed each epoch or in file order (shuffle=False,
+    the official run). A step never spans two epochs: an epoch's last partial batch is dropped,
+    like verl's drop_last, so one epoch is n // k steps. State: (epoch, pos)."""
     def __init__(self, n, seed, shuffle=True):
         self.n, self.seed, self.shuffle, self.epoch, self.pos = n, seed, shuffle, 0, 0
 
@@ -337,9 +395,9 @@ class PromptStream:
 
 def _verify_worker(check, conn, parent_end):
     import logging
-    logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # it warns that its timeouts are off
+    logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # warns that its timeouts are off
     parent_end.close()  # so that recv() ends (EOFError) when the trainer exits
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the trainer's handlers: terminate() must work,
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the trainer's handlers: terminate() works,
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # and Ctrl-C is the trainer's to handle
     while True:
         pred, gt = conn.recv()
@@ -360,7 +418,8 @@ class Verifier:
         if self.proc is None:
             ctx = mp.get_context("fork")  # the child only runs sympy: no torch, no CUDA
             self.conn, child = ctx.Pipe()
-            self.proc = ctx.Process(target=_verify_worker, args=(self.check, child, self.conn), daemon=True)
+            self.proc = ctx.Process(target=_verify_worker, args=(self.check, child, self.conn),
+                                    daemon=True)
             self.proc.start()
             child.close()
         self.conn.send((pred, gt))
@@ -377,7 +436,7 @@ class Verifier:
 # Metrics: one line per step on stdout, metrics.jsonl always, TensorBoard on request.
 
 def add(stats, key, value, n=1):
-    """stats[key] = [sum of value * n, sum of n]: a weighted mean, reduced over ranks when logged."""
+    """stats[key] = [sum of value * n, sum of n]: a weighted mean, reduced over ranks at log."""
     s = stats.setdefault(key, [0.0, 0.0])
     s[0], s[1] = s[0] + value * n, s[1] + n
 
@@ -390,6 +449,38 @@ def reduce_stats(stats):
     return {k: s / n for k, (s, n) in zip(keys, t.tolist()) if n}
 
 
+def step_metrics(stats, groups):
+    """The step's stats plus the train/* means over the on-policy rows (and the expert rows'
+    accuracy), reduced over ranks."""
+    add(stats, "train/expert_accuracy", 0.0, 0)  # a rank without expert rows still has the key
+    for g in groups:
+        for r in g.rows:
+            add(stats, "train/reward", r.reward)
+            add(stats, "train/accuracy", r.acc)
+            add(stats, "train/format", r.fmt)
+            add(stats, "train/response_length", len(r.resp))
+            add(stats, "train/entropy", r.entropy.mean().item(), len(r.resp))
+            add(stats, "train/zero_adv_rows", float(r.adv == 0.0))
+        if g.expert:
+            add(stats, "train/expert_accuracy", g.expert.acc)
+    return reduce_stats(stats)
+
+
+class StopRequest:
+    """SIGTERM / SIGINT set a flag instead of killing the run; agreed() asks every rank."""
+    def __init__(self):
+        self.flag = []
+        self.handlers = {sig: signal.signal(sig, lambda *_: self.flag.append(1))
+                         for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def agreed(self):
+        return all_max(len(self.flag)) > 0
+
+    def restore(self):
+        for sig, h in self.handlers.items():
+            signal.signal(sig, h)
+
+
 class Logger:
     def __init__(self, out_dir, rank, tensorboard, steps):
         self.rank, self.steps, self.t0, self.tb = rank, steps, None, None
@@ -398,7 +489,8 @@ class Logger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise SystemExit("error: --tensorboard needs the tensorboard package (pip install tensorboard)")
+                raise SystemExit("error: --tensorboard needs the tensorboard package "
+                                 "(pip install tensorboard)")
             self.tb = SummaryWriter(out_dir)
 
     def truncate(self, step):
@@ -458,10 +550,11 @@ def save_checkpoint(policy, processor, opt, sched, stream, step, out_dir, rank):
     full = get_model_state_dict(policy.model, options=options)
     if rank == 0:
         policy.model.save_pretrained(tmp, state_dict=full)
-        policy.model.shipped_generation_config.save_pretrained(tmp)  # the folder's, not the sampler's
+        policy.model.shipped_generation_config.save_pretrained(tmp)  # the folder's, not ours
         processor.save_pretrained(tmp)
         with open(os.path.join(tmp, "trainer.json"), "w") as f:
-            json.dump(dict(step=step, epoch=stream.epoch, pos=stream.pos, sched=sched.state_dict()), f)
+            json.dump(dict(step=step, epoch=stream.epoch, pos=stream.pos,
+                           sched=sched.state_dict()), f)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     barrier()
@@ -496,16 +589,29 @@ def load_checkpoint(policy, opt, sched, stream, path, rank):
     return t["step"]
 
 
-def prepare_output_dir(out_dir, args, rank):
-    """Every rank uses rank 0's folder; a folder holding another run's checkpoints is refused unless
-    --resume or --overwrite (which clears it) is given."""
+def resume(policy, opt, sched, stream, out_dir, logger, args, rank, say):
+    """--resume: restore the newest complete checkpoint; -> the step to continue after (0: none)."""
+    if not (args.resume and checkpoints(out_dir)):
+        return 0
+    path = checkpoints(out_dir)[-1][1]
+    start = load_checkpoint(policy, opt, sched, stream, path, rank)
+    logger.truncate(start)
+    say(f"resuming from {path} (step {start})")
+    return start
+
+
+def prepare_output_dir(args, rank):
+    """--output-dir, default runs/<algo>-<timestamp>; every rank uses rank 0's. A folder holding
+    another run's checkpoints is refused unless --resume or --overwrite (which clears it)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_dir = args.output_dir or os.path.join("runs", f"{args.algo}-{stamp}")
     if distributed():
         box = [out_dir]
         torch.distributed.broadcast_object_list(box)
         out_dir = box[0]
     if checkpoints(out_dir) and not (args.resume or args.overwrite or args.eval_only):
-        raise SystemExit(f"error: {out_dir} holds checkpoints of another run; pass --resume to continue "
-                         "it or --overwrite to start afresh")
+        raise SystemExit(f"error: {out_dir} holds checkpoints of another run; pass --resume to "
+                         "continue it or --overwrite to start afresh")
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
         if args.overwrite and not args.resume:

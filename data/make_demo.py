@@ -21,36 +21,39 @@ for the vision tower alone until sampled accuracy on a probe of other train prob
 The format, copying and arithmetic stay sharp; most errors are wrong counts (reading the image),
 which is what RL has to fix.
 
+The prompt (the instruction included), its encoding, the trainer's batch layout and the reward
+come from calibrl.py / infra.py, so the warm start sees exactly what the trainer will.
+
 Run:  python data/make_demo.py            (a few minutes on 2 CPU cores)
-Also used by tests: load_processor(path), build_messages(prompt, n_images), tiny_config_model(kind, out_dir).
+      python data/make_demo.py --out DIR  (the same into DIR/demo and DIR/tiny-qwen2.5-vl)
+Also used by tests: tiny_config_model(kind, out_dir).
 """
 import io
 import json
 import math
 import os
 import random
-import re
+import sys
 import time
 
 import torch
 from PIL import Image, ImageDraw
 from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
-from transformers import (AutoConfig, AutoTokenizer, GenerationConfig, Qwen2_5_VLConfig,
+from transformers import (AutoConfig, GenerationConfig, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2Config,
                           Qwen2ForCausalLM, Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
                           Qwen2VLImageProcessorPil, Qwen2VLProcessor)
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import calibrl  # noqa: E402  (the trainer: prompt, encoding, batch layout, reward)
+import infra  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_DIR = os.path.join(HERE, "demo")
 MODEL_DIR = os.path.join(HERE, "tiny-qwen2.5-vl")
 SEED, N_TRAIN, N_VAL = 1234, 2000, 200
 
-INSTRUCTION = ("You FIRST think about the reasoning process as an internal monologue and then provide the final "
-               "answer. The reasoning process MUST BE enclosed within <think> </think> tags. The final answer MUST "
-               "BE put in <answer> </answer> tags.")
-FORMAT_RE = re.compile(r"^<think>.*?</think>.*?<answer>.*?</answer>$", re.DOTALL)
-ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 # Qwen2-VL's special tokens (same names and order as the real vocabulary's added tokens).
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -79,22 +82,15 @@ TEXT_CHAT_TEMPLATE = (
 
 
 # ----------------------------------------------------------------------------- prompt format
-def build_messages(prompt, n_images):
-    """Row prompt ("<image>question") -> chat messages; the trainer and the warm start both use this."""
-    pieces = prompt.split("<image>")
-    assert len(pieces) - 1 == n_images, f"prompt has {len(pieces) - 1} <image> placeholders, row has {n_images}"
-    parts = []
-    for i, piece in enumerate(pieces):
-        if i > 0:
-            parts.append({"type": "image"})
-        if piece:
-            parts.append({"type": "text", "text": piece})
-    text_ids = [i for i, p in enumerate(parts) if p["type"] == "text"]
-    if text_ids and INSTRUCTION not in parts[text_ids[-1]]["text"]:
-        parts[text_ids[-1]] = {"type": "text", "text": parts[text_ids[-1]]["text"].rstrip() + " " + INSTRUCTION}
-    elif not text_ids:
-        parts.append({"type": "text", "text": INSTRUCTION})
-    return [{"role": "user", "content": parts}]
+def example(row, base_dir):
+    """A demo row -> the trainer's example: chat messages with the instruction, image paths."""
+    messages = calibrl.with_instruction([{"role": "user", "content": infra.to_parts(row["prompt"])}])
+    return dict(messages=messages, images=[{"path": os.path.join(base_dir, p)} for p in row["images"]])
+
+
+def encode(proc, rows, base_dir):
+    """Demo rows -> their prompt encodings, as the trainer makes them."""
+    return [calibrl.encode_prompt(proc, example(r, base_dir), is_vlm=True) for r in rows]
 
 
 # ----------------------------------------------------------------------------- processor
@@ -128,16 +124,6 @@ def save_processor(proc, path):
         with open(os.path.join(path, name), "w") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)
             f.write("\n")
-
-
-def load_processor(path):
-    """Processor for a model directory, with or without torchvision: image processor + tokenizer
-    (+ chat template) for Qwen2-VL / Qwen2.5-VL, the tokenizer alone for text-only models."""
-    model_type = AutoConfig.from_pretrained(path).model_type
-    if model_type in ("qwen2_5_vl", "qwen2_vl"):
-        cls = ImageOnlyQwen2_5_VLProcessor if model_type == "qwen2_5_vl" else ImageOnlyQwen2VLProcessor
-        return cls.from_pretrained(path)
-    return AutoTokenizer.from_pretrained(path)
 
 
 # ----------------------------------------------------------------------------- task
@@ -212,7 +198,7 @@ def save_model_dir(model, proc, path):
 # ----------------------------------------------------------------------------- tokenizer + models
 def train_tokenizer(splits, vocab_size=600):
     """Byte-level BPE (Qwen2's pre-tokenizer: digits split one by one) trained on the demo texts."""
-    texts = [CHAT_TEMPLATE, TEXT_CHAT_TEMPLATE, INSTRUCTION, "You are a helpful assistant.", "system user assistant"]
+    texts = [CHAT_TEMPLATE, TEXT_CHAT_TEMPLATE, calibrl.INSTRUCTION, "You are a helpful assistant.", "system user assistant"]
     texts += [q + " " + s for problems in splits.values() for _, q, _, s in problems]
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
@@ -317,17 +303,9 @@ def tiny_config_model(kind, out_dir):
 
 
 # ----------------------------------------------------------------------------- warm start
-def encode_prompt(proc, row, base_dir):
-    images = [Image.open(os.path.join(base_dir, p)).convert("RGB") for p in row["images"]]
-    text = proc.apply_chat_template(build_messages(row["prompt"], len(images)), add_generation_prompt=True,
-                                    tokenize=False)
-    return text, images
-
-
 def check_processor(proc, row):
     """One demo image -> 16 patches (grid 1x4x4) -> 4 <|image_pad|> tokens inside vision_start/end."""
-    text, images = encode_prompt(proc, row, DEMO_DIR)
-    inp = proc(text=[text], images=images, return_tensors="pt")
+    inp = encode(proc, [row], DEMO_DIR)[0]
     ids, tok = inp["input_ids"][0].tolist(), proc.tokenizer
     pad, start = tok.convert_tokens_to_ids("<|image_pad|>"), tok.convert_tokens_to_ids("<|vision_start|>")
     assert inp["image_grid_thw"].tolist() == [[1, 4, 4]] and tuple(inp["pixel_values"].shape) == (16, 1176)
@@ -336,21 +314,15 @@ def check_processor(proc, row):
 
 
 def sft_batch(proc, rows, base_dir):
-    """Left-padded prompts + response (solution tokens + <|im_end|>) right-padded: the trainer's layout."""
-    im_end, pad = proc.tokenizer.convert_tokens_to_ids("<|im_end|>"), proc.tokenizer.pad_token_id
-    texts, images = zip(*(encode_prompt(proc, r, base_dir) for r in rows))
-    inp = proc(text=list(texts), images=[im for ims in images for im in ims], return_tensors="pt", padding=True,
-               padding_side="left")
-    resp = [proc.tokenizer(r["solution"], add_special_tokens=False).input_ids + [im_end] for r in rows]
-    R = max(map(len, resp))
-    resp_ids = torch.tensor([x + [pad] * (R - len(x)) for x in resp])
-    resp_mask = torch.tensor([[1] * len(x) + [0] * (R - len(x)) for x in resp])
-    input_ids = torch.cat([inp["input_ids"], resp_ids], 1)
-    attention_mask = torch.cat([inp["attention_mask"], resp_mask], 1)
-    mm_token_type_ids = torch.cat([inp["mm_token_type_ids"], torch.zeros_like(resp_ids)], 1)
-    labels = torch.cat([torch.full_like(inp["input_ids"], -100), resp_ids.masked_fill(resp_mask == 0, -100)], 1)
-    return dict(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
-                pixel_values=inp["pixel_values"], image_grid_thw=inp["image_grid_thw"]), labels
+    """The trainer's layout (calibrl.collate): left-padded prompts, then the response (solution tokens
+    + <|im_end|>) right-padded; labels only on the response."""
+    tok = proc.tokenizer
+    im_end, pad = tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id
+    resp = [torch.tensor(tok(r["solution"], add_special_tokens=False).input_ids + [im_end]) for r in rows]
+    inputs, L = calibrl.collate(encode(proc, rows, base_dir), resp, pad, "cpu")
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    labels[:, :L] = -100
+    return inputs, labels
 
 
 def suppress_ids(tok):
@@ -359,28 +331,24 @@ def suppress_ids(tok):
 
 @torch.no_grad()
 def evaluate(model, proc, rows, base_dir, k=4, greedy=False, batch=16, max_new_tokens=40):
-    """Fraction of sampled (T=1) or greedy responses whose <answer> equals the ground truth, and format rate."""
+    """Mean accuracy and format of sampled (T=1, k per problem) or greedy responses, scored by the
+    trainer's reward."""
     model.eval()
     tok = proc.tokenizer
-    correct = formatted = n = 0
+    scores = []
     for i in range(0, len(rows), batch):
         chunk = rows[i:i + batch]
-        texts, images = zip(*(encode_prompt(proc, r, base_dir) for r in chunk))
-        inp = proc(text=list(texts), images=[im for ims in images for im in ims], return_tensors="pt",
-                   padding=True, padding_side="left")
+        inputs, L = calibrl.collate(encode(proc, chunk, base_dir), None, tok.pad_token_id, "cpu")
         kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
                                                        num_return_sequences=k)
-        out = model.generate(**inp, max_new_tokens=max_new_tokens, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-                             pad_token_id=tok.pad_token_id, suppress_tokens=suppress_ids(tok), **kw)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                             suppress_tokens=suppress_ids(tok), **kw)
         reps = 1 if greedy else k
-        for j, seq in enumerate(out[:, inp["input_ids"].shape[1]:]):
-            text = tok.decode(seq, skip_special_tokens=True).strip()
-            m = ANSWER_RE.search(text)
-            correct += bool(m) and m.group(1).strip() == chunk[j // reps]["answer"]
-            formatted += bool(FORMAT_RE.match(text))
-            n += 1
+        for j, seq in enumerate(out[:, L:]):
+            scores.append(calibrl.reward_fn(tok.decode(seq, skip_special_tokens=True), chunk[j // reps]["answer"]))
     model.train()
-    return correct / n, formatted / n
+    return sum(a for a, _ in scores) / len(scores), sum(f for _, f in scores) / len(scores)
 
 
 def sft_step(model, opt, proc, rows, step, base_dir, batch=16):
@@ -447,15 +415,13 @@ def main():
     print(f"vocab {len(tok)}  params {n_params}  data written in {time.time() - t_start:.1f}s")
     steps = warm_start(model, tok, proc, rows["train"], DEMO_DIR)
     save_model_dir(model, proc, MODEL_DIR)
-    proc = load_processor(MODEL_DIR)  # check the saved directory round-trips
+    proc = infra.load_processor(MODEL_DIR, AutoConfig.from_pretrained(MODEL_DIR))  # the saved folder loads
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(MODEL_DIR, dtype=torch.float32)
     check_processor(proc, rows["val"][0])
     torch.manual_seed(SEED)
     acc, fmt = evaluate(model, proc, rows["val"], DEMO_DIR, k=4)
     gacc, gfmt = evaluate(model, proc, rows["val"], DEMO_DIR, greedy=True)
-    texts, images = zip(*(encode_prompt(proc, r, DEMO_DIR) for r in rows["val"][:4]))
-    inp = proc(text=list(texts), images=[im for ims in images for im in ims], return_tensors="pt", padding=True,
-               padding_side="left")
+    inp, _ = calibrl.collate(encode(proc, rows["val"][:4], DEMO_DIR), None, proc.tokenizer.pad_token_id, "cpu")
     t0 = time.time()
     model.generate(**inp, max_new_tokens=40, do_sample=True, top_k=0, num_return_sequences=8,
                    suppress_tokens=suppress_ids(proc.tokenizer))
@@ -465,8 +431,9 @@ def main():
 
 
 if __name__ == "__main__":
-    import sys
     if sys.argv[1:2] == ["--random-3b"]:  # the GPU check's model: python data/make_demo.py --random-3b DIR
         tiny_config_model("qwen2.5-vl-3b", sys.argv[2])
     else:
+        if sys.argv[1:2] == ["--out"]:  # build elsewhere (e.g. to compare with the shipped files)
+            DEMO_DIR, MODEL_DIR = os.path.join(sys.argv[2], "demo"), os.path.join(sys.argv[2], "tiny-qwen2.5-vl")
         main()
