@@ -77,6 +77,8 @@ class Args:
     overwrite: bool = arg(False, "start afresh in an --output-dir that holds another run")
     skip_bad_rows: bool = arg(False, "drop malformed data rows (reported) instead of stopping")
     reward_timeout: float = arg(5.0, "seconds one answer check may take; slower ones score 0")
+    reward_budget: float = arg(60.0, "seconds of answer checks a step, per rank; then strings only")
+    dist_timeout: float = arg(600.0, "seconds a rank waits for its peers in a collective")
     max_bad_steps: int = arg(3, "consecutive steps with a non-finite loss or gradient that stop")
     save_every: int = arg(0, "checkpoint every N steps (0: only at the end)")
     eval_every: int = arg(10, "evaluate on --eval-data every N steps (0: never)")
@@ -156,6 +158,7 @@ def load_model(path, dtype, device):
     """-> model, processor, tok, is_vlm. tok is the tokenizer, with the ids the loop needs:
     tok.eos_id (ends the expert's solution), tok.pad_id, tok.stop_ids (any ends a sampled
     response), tok.suppress_ids (never sampled, excluded from every log-prob: departure 11)."""
+    from safetensors import SafetensorError
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
                               GenerationConfig)
     try:
@@ -164,7 +167,7 @@ def load_model(path, dtype, device):
         cls = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
         model = cls.from_pretrained(path, dtype=dtype).to(device)
         processor = infra.load_processor(path, config)
-    except (OSError, ValueError, KeyError) as e:  # no folder, no hub access, unknown model type
+    except (OSError, ValueError, KeyError, SafetensorError) as e:  # no folder or hub, a bad file
         raise SystemExit(f"error: model {path}: cannot be loaded "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:300]})")
     tok = getattr(processor, "tokenizer", processor)
@@ -401,7 +404,8 @@ class Policy(torch.nn.Module):
     def forward(self, inputs, L=None, loss=None, sampler=None):
         if sampler is not None:  # synced_gpus: a rank whose responses ended steps on with the rest
             return self.model.generate(**inputs, generation_config=sampler,
-                                       synced_gpus=infra.distributed())
+                                       synced_gpus=infra.distributed(),
+                                       stopping_criteria=infra.stop_criteria())  # a stop: end now
         h = self.model.model(**inputs, use_cache=False).last_hidden_state             # (R, L+T, H)
         h, targets = h[:, L - 1:-1], inputs["input_ids"][:, L:]  # position t scores token t+1
         W = self.model.get_output_embeddings().weight                                 # (V, H)
@@ -420,6 +424,7 @@ def old_logprobs(policy, groups, args, device, pad_id):
     no-grad pass at the rollout temperature before any weight moves."""
     rows = [(r, g) for g in groups for r in g.all_rows()]
     for chunk in infra.micro_batches(rows, args.micro_batch_size):
+        infra.STOP.check()  # a stop request abandons the pass (Abandon): nothing has moved yet
         batch = chunk or rows[:1]  # dummy work: score a stand-in row, keep nothing
         inputs, L = collate([g.enc for _, g in batch], [r.resp for r, _ in batch], pad_id, device)
         logp, entropy = policy(inputs, L)                                          # (R, T) each
@@ -602,15 +607,16 @@ def evaluate(policy, tok, processor, examples, args, device, is_vlm, rank, world
 # -----------------------------------------------------------------------------
 # Main loop: rollout -> pi_old log-probs and l^E -> advantages -> update -> log, eval, save.
 
+@infra.finishes  # however main ends: signal handlers back, the folder unlocked, the group closed
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = infra.setup_distributed()
-    infra.check_args(args, world)  # every flag's range, before the model loads
+    rank, world, device = infra.setup_distributed(args.dist_timeout)
     say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    infra.check_args(args, world)  # every flag's range, before the model loads
+    model_path = infra.demo_defaults(args, DEMO_MODEL, DEMO_TRAIN, DEMO_VAL, say)
     # the training stream (sampling, mixup): one per rank, apart for up to 1000 ranks
     torch.manual_seed(args.seed * 1000 + rank)
     dtype, fused = infra.compute_dtype(args.dtype, device), infra.use_fused(args.fused, device)
-    model_path = infra.demo_defaults(args, DEMO_MODEL, DEMO_TRAIN, DEMO_VAL, say)
     # under FSDP the parameters are fp32 master weights, and compute runs in `dtype`
     model, processor, tok, is_vlm = load_model(
         model_path, torch.float32 if infra.distributed() else dtype, device)
@@ -621,11 +627,14 @@ def main(argv=None):
         infra.shard(policy, dtype, device)
     eval_set = (load_examples(args.eval_data, args, processor, tok, is_vlm, say, train=False)
                 if args.eval_data else [])
-    run_eval = lambda: evaluate(policy, tok, processor, eval_set, args, device, is_vlm, rank, world)
-    out_dir = infra.prepare_output_dir(args, rank)
+    out_dir = infra.prepare_output_dir(args, rank)  # refused if in use or holding an earlier run
     logger = infra.Logger(out_dir, rank, args.tensorboard, args.steps)
+    def run_eval(step):  # an evaluation cut short by a stop request is not logged
+        m = evaluate(policy, tok, processor, eval_set, args, device, is_vlm, rank, world)
+        if not infra.STOP.agreed():
+            logger.log(step, m)
     if args.eval_only:
-        logger.log(0, run_eval())
+        run_eval(0)
         return out_dir
 
     data = load_examples(args.data, args, processor, tok, is_vlm, say)
@@ -644,22 +653,30 @@ def main(argv=None):
     say(f"calibrl | algo {args.algo} | preset {args.preset} | model {model_path} | "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | {len(data)} train rows "
         f"| world {world} | device {device} {dtype} | fused {fused} | out {out_dir}")
-    stop = infra.StopRequest()  # SIGTERM / SIGINT: finish the step, write a checkpoint, exit 0
+    infra.STOP.install()  # SIGTERM, SIGINT, SIGUSR1: a checkpoint at the next safe point, exit 0
     if eval_set and args.eval_every and start == 0:
-        logger.log(0, run_eval())
+        run_eval(0)
 
-    VERIFY.timeout, bad_streak, diverged = args.reward_timeout, 0, False
+    VERIFY.timeout, VERIFY.budget = args.reward_timeout, args.reward_budget
+    bad_streak, diverged = 0, False
     for step in range(start + 1, args.steps + 1):
-        t0, failures = time.time(), VERIFY.failures
+        t0, failures, at_start = time.time(), VERIFY.failures, infra.step_start(stream)
+        VERIFY.start_step()
         # a strided shard per rank, so mini-batch k holds the same groups for any world size
         examples = [data[i] for i in stream.take(args.prompts_per_step)[rank::world]]
         encs = [encode_prompt(processor, ex, is_vlm) for ex in examples]
-        # eval mode: no dropout, and gradient checkpointing (a training-mode feature) stays off
-        model.eval()
-        with infra.gathered(policy):
-            groups = rollout(policy, tok, examples, encs, args, device)
-        t1 = time.time()
-        old_logprobs(policy, groups, args, device, tok.pad_id)
+        try:  # a stop request abandons the rollout or the pi_old pass: no weight has moved yet
+            # eval mode: no dropout, and gradient checkpointing (a training-mode feature) stays off
+            model.eval()
+            with infra.gathered(policy):
+                groups = rollout(policy, tok, examples, encs, args, device)
+            t1 = time.time()
+            infra.STOP.check()
+            old_logprobs(policy, groups, args, device, tok.pad_id)
+        except infra.Abandon:  # save the state as it was when this step began: resume replays it
+            path = infra.save_before(step, at_start, policy, processor, opt, sched, stream, out_dir)
+            say(f"stopped by signal in step {step}; checkpoint {path}; continue with --resume")
+            break
         advantages(groups, args)
         t2 = time.time()
         model.train()
@@ -671,15 +688,16 @@ def main(argv=None):
         metrics.update({"loss/ratio_first_dev": first_dev, "time/rollout": t1 - t0,
                         "time/logprob": t2 - t1, "time/update": t3 - t2, "time/step": t3 - t0,
                         "perf/tokens_per_sec": n_tokens / (t3 - t0),
-                        "train/lr": sched.get_last_lr()[0],
+                        "train/lr": sched.get_last_lr()[0], "train/reward_seconds": VERIFY.spent,
                         "train/reward_failures": infra.all_sum(VERIFY.failures - failures)})
         logger.log(step, metrics)
         if first_dev > 1e-3:  # the self-check: pi_theta == pi_old before the first optimizer step
             say(f"warning: step {step}: |rho - 1| = {first_dev:.1e} at theta_old: paths differ?")
+        infra.check_weights(policy, step, out_dir)  # non-finite weights stop the run, unsaved
         bad_streak = bad_streak + 1 if metrics["loss/skipped_frac"] > 0 else 0
         if eval_set and args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-            logger.log(step, run_eval())
-        stopping, diverged = stop.agreed(), bad_streak >= args.max_bad_steps
+            run_eval(step)
+        stopping, diverged = infra.STOP.agreed(), bad_streak >= args.max_bad_steps
         if (args.save_every and step % args.save_every == 0) or step == args.steps or stopping \
                 or diverged:
             path = infra.save_checkpoint(policy, processor, opt, sched, stream, step, out_dir, rank)
@@ -687,9 +705,6 @@ def main(argv=None):
             say(f"stopped by signal after step {step}; checkpoint {path}; continue with --resume")
         if stopping or diverged:
             break
-    stop.restore()
-    if infra.distributed():
-        torch.distributed.destroy_process_group()
     if diverged:  # the skipped steps left the weights untouched: the checkpoint holds good ones
         raise SystemExit(f"error: non-finite loss or gradient norm in {bad_streak} consecutive "
                          f"steps (up to step {step}); those optimizer steps were skipped and the "
@@ -697,4 +712,4 @@ def main(argv=None):
     return out_dir
 
 if __name__ == "__main__":
-    main()
+    infra.run(main)

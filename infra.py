@@ -21,6 +21,7 @@ builder, its answer check), so there is no import circle.
 import contextlib
 import io
 import json
+import math
 import os
 import random
 import re
@@ -36,8 +37,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # -----------------------------------------------------------------------------
 # torchrun and FSDP2: torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; `python calibrl.py` is rank 0.
 
-def setup_distributed():
-    """-> rank, world, device; under torchrun (even with one process) a process group for FSDP2."""
+def setup_distributed(timeout=600.0):
+    """-> rank, world, device; under torchrun (even with one process) a process group for FSDP2,
+    whose collectives give up after `timeout` seconds (--dist-timeout) instead of torch's 30
+    minutes, so a rank waiting on a frozen peer stops (run() below turns that into one line)."""
     import warnings
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP, one process
     rank, world, local = (int(os.environ.get(k, d)) for k, d in
@@ -50,7 +53,9 @@ def setup_distributed():
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if "RANK" in os.environ:
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        import datetime
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             timeout=datetime.timedelta(seconds=timeout))
     return rank, world, device
 
 
@@ -78,8 +83,40 @@ def barrier():
         torch.distributed.barrier()
 
 
+RANGES = {  # flag: the values it allows (and every value must be finite)
+    "steps": ">= 1", "group_size": ">= 1", "prompts_per_step": ">= 1", "mini_batch_prompts": ">= 1",
+    "micro_batch_size": ">= 1", "rollout_batch_prompts": ">= 1", "ppo_epochs": ">= 1",
+    "max_bad_steps": ">= 1", "eval_samples": ">= 1", "max_prompt_length": ">= 1",
+    "max_response_length": ">= 1", "eval_every": ">= 0", "save_every": ">= 0",
+    "eval_max_prompts": ">= 0", "warmup_steps": ">= 0", "seed": ">= 0", "weight_decay": ">= 0",
+    "lam": ">= 0", "clip_high": ">= 0", "lr": "> 0", "temperature": "> 0", "max_grad_norm": "> 0",
+    "reward_timeout": "> 0", "reward_budget": "> 0", "dist_timeout": "> 0", "clip_c": "> 1",
+    "top_p": "(0, 1]", "clip_low": "[0, 1)", "alpha": "[0, 1]", "mixup_ratio": "[0, 1]",
+    "mixup_pass_min": "[0, 1]", "mixup_pass_max": "[0, 1]",
+}
+
+
+def allows(rule, v):
+    """'>= 1', '> 0', '(0, 1]', '[0, 1)' ... -> whether v is finite and within."""
+    if not math.isfinite(v):
+        return False
+    if rule[0] in "<>":
+        op, x = rule.split()
+        return v >= float(x) if op == ">=" else v > float(x)
+    lo, hi = (float(t) for t in rule[1:-1].split(","))
+    return (lo <= v if rule[0] == "[" else lo < v) and (v <= hi if rule[-1] == "]" else v < hi)
+
+
 def check_args(args, world):
-    """User errors in the flags, each a clear message before the model loads."""
+    """User errors in the flags: each one message naming the flag and what it allows, before the
+    model loads."""
+    for name, rule in RANGES.items():
+        v = getattr(args, name, None)
+        if v is not None and not allows(rule, v):  # None: unset (paper steps: one epoch)
+            where = f"in {rule}" if rule[0] in "[(" else rule
+            raise SystemExit(f"error: --{name.replace('_', '-')} {v}: must be {where}")
+    if args.eval_only and not args.eval_data and args.model:  # (the demo has its own val split)
+        raise SystemExit("error: --eval-only needs --eval-data (the problems to evaluate on)")
     if args.prompts_per_step % world or args.mini_batch_prompts % world:
         raise SystemExit(f"error: --prompts-per-step ({args.prompts_per_step}) and "
                          f"--mini-batch-prompts ({args.mini_batch_prompts}) must be multiples of "
@@ -219,30 +256,39 @@ class BadRow(Exception):
 
 
 def read_rows(path):
-    """-> [(row number from 1, in file order; row dict or BadRow)]; a bad file ends the run."""
+    """-> [(row number from 1, in file order; row dict or BadRow)]. A file that cannot be read at
+    all ends the run with one message; a line that is not JSON (or not UTF-8) is one bad row."""
     where = f"data file {path}"
+    if os.path.isdir(path):
+        raise SystemExit(f"error: {where}: is a folder (give a .parquet or .jsonl file)")
     if not os.path.isfile(path):
         raise SystemExit(f"error: {where}: not found")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".parquet", ".jsonl", ".json"):
+        raise SystemExit(f"error: {where}: unknown format '{ext}' (use .parquet or .jsonl: one "
+                         "JSON object per line)")
     try:
-        if path.endswith(".parquet"):
+        if ext == ".parquet":
             import pyarrow.parquet as pq
             rows = list(enumerate(pq.read_table(path).to_pylist(), 1))
         else:
-            rows = []
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rows.append((n, json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        bad = BadRow("json", f"invalid JSON ({e.msg} at column {e.colno})")
-                        rows.append((n, bad))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+            with open(path, "rb") as f:
+                rows = [(n, _json_row(line)) for n, line in enumerate(f, 1) if line.strip()]
+    except (OSError, ValueError) as e:
         raise SystemExit(f"error: {where}: unreadable ({type(e).__name__}: {e})")
     if not rows:
         raise SystemExit(f"error: {where}: no rows")
     return rows
+
+
+def _json_row(line):
+    """One line of a .jsonl file (bytes) -> the row, or a BadRow saying why not."""
+    try:
+        return json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return BadRow("json", f"not UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})")
+    except json.JSONDecodeError as e:
+        return BadRow("json", f"invalid JSON ({e.msg} at column {e.colno})")
 
 
 def to_parts(text):
@@ -273,8 +319,9 @@ def parse_row(row, args, base_dir):
     chat = isinstance(prompt, list) and all(isinstance(m, dict) and "content" in m for m in prompt)
     if not chat:
         raise BadRow("prompt", "neither a string nor a list of chat messages {role, content}")
-    parts = lambda c: to_parts(c) if isinstance(c, str) else list(c)
-    messages = [{"role": m.get("role", "user"), "content": parts(m["content"])} for m in prompt]
+    messages = [_message(m, k) for k, m in enumerate(prompt)]
+    if not any(m["role"] == "user" for m in messages):
+        raise BadRow("prompt", "no user message (the question goes in one)")
     placeholders = sum(p.get("type") == "image" for m in messages for p in m["content"])
     if placeholders and placeholders != len(images):
         raise BadRow("prompt", f"{placeholders} <image> placeholders for {len(images)} images")
@@ -297,9 +344,10 @@ def parse_row(row, args, base_dir):
         key = "reward_model.ground_truth"
         if answer is None:
             answer, key = row.get("answer"), "answer"
-    usable = isinstance(answer, (str, int, float)) and not isinstance(answer, bool)
-    if not usable or not str(answer).strip():
+    if answer is None or (isinstance(answer, str) and not answer.strip()):
         raise BadRow(key, "missing or empty (neither reward_model.ground_truth nor answer)")
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        raise BadRow(key, f"wrong type ({type(answer).__name__}; a string or a number)")
     solution = row.get(args.solution_key)
     if isinstance(solution, (list, tuple)):
         solution = solution[0] if solution else None
@@ -311,6 +359,25 @@ def parse_row(row, args, base_dir):
     if isinstance(row.get("pass_ratio"), (int, float)) and row["pass_ratio"] <= 0:
         solution = None  # the official data format: no expert for this row
     return dict(messages=messages, images=refs, answer=str(answer), solution=solution or None)
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def _message(m, k):
+    """A chat message of a row -> {role, content: [parts]}; raises BadRow naming what is wrong."""
+    role, content = m.get("role", "user"), m["content"]
+    if role not in ROLES:
+        raise BadRow("prompt", f"message {k + 1}: unknown role {role!r} "
+                               f"(one of {', '.join(ROLES)})")
+    if isinstance(content, str):
+        return {"role": role, "content": to_parts(content)}
+    parts = isinstance(content, list) and all(isinstance(p, dict) and "type" in p for p in content)
+    if not parts:
+        what = type(content).__name__ if not isinstance(content, list) else "a list of non-parts"
+        raise BadRow("prompt", f"message {k + 1}: content of the wrong type ({what}; a string or a "
+                               "list of parts {type: text | image})")
+    return {"role": role, "content": list(content)}
 
 
 def open_image(ref):
@@ -341,7 +408,11 @@ def read_examples(path, args, tok, is_vlm, prepare, say=print, train=True):
                 except Exception as e:
                     why = f"cannot be read as an image ({type(e).__name__}: {e})"
                     raise BadRow(f"images[{k}]", why[:200])
-            n_prompt = prepare(ex)
+            try:  # the processor refuses some images (an aspect ratio over 200, say)
+                n_prompt = prepare(ex)
+            except (ValueError, TypeError, KeyError) as e:
+                why = f"the processor refuses it ({type(e).__name__}: {str(e).splitlines()[0]})"
+                raise BadRow("images" if ex["images"] else "prompt", why[:200])
             if n_prompt > args.max_prompt_length:
                 raise BadRow("prompt", f"{n_prompt} tokens > --max-prompt-length "
                                        f"{args.max_prompt_length}")
@@ -400,20 +471,43 @@ def _verify_worker(check, conn, parent_end):
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the trainer's handlers: terminate() works,
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # and Ctrl-C is the trainer's to handle
     while True:
-        pred, gt = conn.recv()
+        try:
+            pred, gt = conn.recv()
+        except (EOFError, OSError):  # the trainer is gone (even killed): leave without a word
+            return
         try:
             conn.send((check(pred, gt), 0))
         except Exception:
             conn.send((0.0, 1))
 
 
+MAX_ANSWER_CHARS = 1000  # longer answers are compared as strings only (math-verify: ~3 s per MB)
+
+
 class Verifier:
-    """check(pred, gt) in a worker process, bounded by `timeout` seconds: a check that times out or
-    raises scores 0 and is counted in `failures`; a killed worker is restarted on the next call."""
-    def __init__(self, check, timeout=5.0):
-        self.check, self.timeout, self.proc, self.failures = check, timeout, None, 0
+    """check(pred, gt) in a worker process, bounded by `timeout` seconds per check and `budget`
+    seconds per training step (start_step() resets it). A check that times out or raises scores 0;
+    so does an answer longer than MAX_ANSWER_CHARS or one met after the step's budget is spent
+    (the caller has already compared the normalised strings). All of them count in `failures`;
+    `spent` is the step's checking time. A killed worker is restarted on the next call."""
+    def __init__(self, check, timeout=5.0, budget=60.0):
+        self.check, self.timeout, self.budget, self.proc = check, timeout, budget, None
+        self.failures, self.spent = 0, 0.0
+
+    def start_step(self):
+        self.spent = 0.0
 
     def __call__(self, pred, gt):
+        if max(len(pred), len(gt)) > MAX_ANSWER_CHARS or self.spent >= self.budget:
+            self.failures += 1
+            return 0.0
+        t0 = time.time()
+        try:
+            return self._check(pred, gt)
+        finally:
+            self.spent += time.time() - t0
+
+    def _check(self, pred, gt):
         import multiprocessing as mp
         if self.proc is None:
             ctx = mp.get_context("fork")  # the child only runs sympy: no torch, no CUDA
@@ -466,22 +560,85 @@ def step_metrics(stats, groups):
     return reduce_stats(stats)
 
 
-class StopRequest:
-    """SIGTERM / SIGINT set a flag instead of killing the run; agreed() asks every rank."""
-    def __init__(self):
-        self.flag = []
-        self.handlers = {sig: signal.signal(sig, lambda *_: self.flag.append(1))
-                         for sig in (signal.SIGTERM, signal.SIGINT)}
+class Abandon(Exception):
+    """A stop request agreed by every rank while the step's weights have not moved yet."""
 
-    def agreed(self):
-        return all_max(len(self.flag)) > 0
+
+class StopRequest:
+    """SIGTERM, SIGINT and SIGUSR1 (which schedulers send ahead of a time limit) set a flag instead
+    of killing the run. requested() is this rank's flag (no collective: generation polls it to end
+    early); agreed() asks every rank (a collective); check() raises Abandon once agreed."""
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+    def __init__(self):
+        self.flag, self.handlers = [], {}
+
+    def install(self):
+        self.flag.clear()
+        self.handlers = {sig: signal.signal(sig, lambda *_: self.flag.append(1))
+                         for sig in self.SIGNALS}
 
     def restore(self):
         for sig, h in self.handlers.items():
             signal.signal(sig, h)
+        self.handlers = {}
+
+    def requested(self):
+        return bool(self.flag)
+
+    def agreed(self):
+        return all_max(len(self.flag)) > 0
+
+    def check(self):
+        if self.agreed():
+            raise Abandon()
+
+
+STOP = StopRequest()  # signals are per process: one flag for the whole run
+
+
+def stop_criteria():
+    """For transformers' generate: every sequence ends at the next token once this rank has a stop
+    request (under synced_gpus it then steps along with the others until they end too)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Requested(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), STOP.requested(), device=input_ids.device)
+    return StoppingCriteriaList([Requested()])
+
+
+def step_start(stream):
+    """What resuming at the start of a step needs beyond the weights: the random state and the
+    data position as they are now."""
+    return rng_state(), stream.epoch, stream.pos
+
+
+def save_before(step, at_start, policy, processor, opt, sched, stream, out_dir):
+    """A step abandoned on a stop request (its weights never moved): checkpoint-<step - 1> with the
+    random state and the data position of the step's start, so --resume replays the step exactly.
+    An identical complete checkpoint from the end of the last step is kept as it is."""
+    path = os.path.join(out_dir, f"checkpoint-{step - 1}")
+    if not all_max(incomplete(path) is not None):
+        return path
+    stream.epoch, stream.pos = at_start[1:]
+    return save_checkpoint(policy, processor, opt, sched, stream, step - 1, out_dir, get_rank(),
+                           rng=at_start[0])
+
+
+def check_weights(policy, step, out_dir):
+    """A step that left a non-finite weight (an optimizer step blown up by an infinite learning
+    rate, say) stops the run at once, unsaved: the newest checkpoint holds the last good weights."""
+    bad = any(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()
+              for p in policy.parameters())
+    if all_max(bad):
+        raise SystemExit(f"error: step {step} left non-finite weights; they are not saved (the "
+                         f"newest checkpoint in {out_dir} holds the last good ones)")
 
 
 class Logger:
+    """metrics.jsonl: one JSON object per line, written whole (a failed write is cut back, so the
+    file never ends in half a line); one line per step on stdout; TensorBoard on request."""
     def __init__(self, out_dir, rank, tensorboard, steps):
         self.rank, self.steps, self.t0, self.tb = rank, steps, None, None
         self.path = os.path.join(out_dir, "metrics.jsonl")
@@ -493,17 +650,28 @@ class Logger:
                                  "(pip install tensorboard)")
             self.tb = SummaryWriter(out_dir)
 
-    def truncate(self, step):
-        """On resume: drop rows logged after the checkpoint (a run killed mid-way logged them)."""
-        if self.rank == 0 and os.path.exists(self.path):
-            rows = [line for line in open(self.path) if json.loads(line)["step"] <= step]
-            open(self.path, "w").writelines(rows)
+    def truncate(self, start, say):
+        """On resume: keep the rows of steps up to `start` (none when starting afresh: step 0's
+        evaluation runs again), drop a torn last line; rewritten through a temporary file."""
+        if self.rank != 0 or not os.path.exists(self.path):
+            return
+        keep, torn = [], 0
+        for line in open(self.path, encoding="utf-8", errors="replace"):
+            try:
+                step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                torn += 1  # half a line from a run killed while writing
+                continue
+            if start > 0 and step <= start:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        if torn:
+            say(f"note: {self.path}: dropped {torn} unreadable line(s)")
+        write_atomic(self.path, "".join(keep).encode())
 
     def log(self, step, metrics):
         if self.rank != 0:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        append_line(self.path, json.dumps({"step": step, **metrics}) + "\n")
         if self.tb:
             for k, v in metrics.items():
                 self.tb.add_scalar(k, v, step)
@@ -521,18 +689,72 @@ class Logger:
             print(f"eval {step:4d} | " + " ".join(f"{k[5:]} {m[k]:.3f}" for k in sorted(m)
                                                   if k.startswith("eval/")), flush=True)
 
+
+def _write_all(fd, data):
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def append_line(path, line):
+    """Append one whole line: if the write fails (a full disk), cut the file back to where it was
+    and stop with a clear message; the newest checkpoint stays the place to resume from."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    size = os.fstat(fd).st_size
+    try:
+        _write_all(fd, line.encode())
+    except OSError as e:
+        os.ftruncate(fd, size)
+        raise SystemExit(f"error: cannot write {path} ({e.strerror or e}); the metrics are as they "
+                         "were, and --resume continues from the newest checkpoint")
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path, data):
+    """Replace a file's contents through a temporary file and a rename: a crash keeps the old."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
 # -----------------------------------------------------------------------------
-# Checkpoints and exact resume
+# Checkpoints and exact resume. A checkpoint is complete only when its manifest (every file and its
+# size, written last) matches what is on disk; --resume takes the newest complete one.
 
 def rng_state():
     return dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
 
 
-def save_checkpoint(policy, processor, opt, sched, stream, step, out_dir, rank):
-    """checkpoint-<step>/: the full model in save_pretrained layout (gathered to rank 0) and what a
-    resume needs: state/ (sharded model + optimizer, torch.distributed.checkpoint), rng-<rank>.pt,
-    trainer.json. Written as checkpoint-<step>.tmp and renamed only when complete."""
+def set_rng_state(rng):
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+
+
+def _no_space(e):
+    """Whether an exception (or one it wraps, as torch.distributed.checkpoint does) is ENOSPC."""
+    import errno
+    seen = [e]
+    while seen:
+        x = seen.pop()
+        if isinstance(x, OSError) and x.errno == errno.ENOSPC or "No space left" in str(x):
+            return True
+        seen += [c for c in (x.__cause__, x.__context__) if c is not None]
+        seen += [v for v in getattr(x, "failures", {}).values() if isinstance(v, BaseException)]
+    return False
+
+
+def save_checkpoint(policy, processor, opt, sched, stream, step, out_dir, rank, rng=None):
+    """checkpoint-<step>/: the full model in save_pretrained layout (gathered to rank 0), and what a
+    resume needs: state/ (sharded model + optimizer, torch.distributed.checkpoint), rng-<rank>.pt
+    (rng: the random state to resume with, default now), trainer.json, and last manifest.json.
+    Written as checkpoint-<step>.tmp and renamed when complete. A failed write (a full disk)
+    removes the partial folder and stops the run: the previous checkpoint stays intact."""
     import shutil
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -543,81 +765,207 @@ def save_checkpoint(policy, processor, opt, sched, stream, step, out_dir, rank):
         shutil.rmtree(tmp, ignore_errors=True)  # the remains of a run killed while saving
         os.makedirs(tmp)
     barrier()
-    model_sd, optim_sd = get_state_dict(policy, opt)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(tmp, "state"))
-    torch.save(rng_state(), os.path.join(tmp, f"rng-{rank}.pt"))
+    error = None
+    try:  # every rank runs the same collectives, whatever fails where
+        model_sd, optim_sd = get_state_dict(policy, opt)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(tmp, "state"))
+        torch.save(rng or rng_state(), os.path.join(tmp, f"rng-{rank}.pt"))
+    except Exception as e:
+        error = e
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     full = get_model_state_dict(policy.model, options=options)
+    if rank == 0 and error is None:
+        try:
+            policy.model.save_pretrained(tmp, state_dict=full)
+            policy.model.shipped_generation_config.save_pretrained(tmp)  # the folder's, not ours
+            processor.save_pretrained(tmp)
+            trainer = dict(step=step, epoch=stream.epoch, pos=stream.pos, world=world_size(),
+                           sched=sched.state_dict())
+            write_atomic(os.path.join(tmp, "trainer.json"), json.dumps(trainer).encode())
+        except Exception as e:
+            error = e
+    if all_max(error is not None):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        reason = "no space left on the device" if error is None or _no_space(error) else error
+        raise SystemExit(f"error: checkpoint-{step} could not be written ({reason}); the partial "
+                         f"folder is removed, earlier checkpoints in {out_dir} are intact")
+    barrier()  # every rank's files are on disk
     if rank == 0:
-        policy.model.save_pretrained(tmp, state_dict=full)
-        policy.model.shipped_generation_config.save_pretrained(tmp)  # the folder's, not ours
-        processor.save_pretrained(tmp)
-        with open(os.path.join(tmp, "trainer.json"), "w") as f:
-            json.dump(dict(step=step, epoch=stream.epoch, pos=stream.pos,
-                           sched=sched.state_dict()), f)
+        files = {os.path.relpath(os.path.join(d, f), tmp): os.path.getsize(os.path.join(d, f))
+                 for d, _, names in os.walk(tmp) for f in names}
+        write_atomic(os.path.join(tmp, "manifest.json"), json.dumps(files, indent=0).encode())
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     barrier()
     return final
 
 
+def world_size():
+    return torch.distributed.get_world_size() if distributed() else 1
+
+
 def checkpoints(out_dir):
-    """-> [(step, path)] of the complete checkpoints in out_dir, oldest first."""
+    """-> [(step, path)] of the checkpoint folders in out_dir (complete or not), oldest first."""
     names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
     found = [re.fullmatch(r"checkpoint-(\d+)", d) for d in names]
     return sorted((int(m.group(1)), os.path.join(out_dir, m.group(0))) for m in found if m)
+
+
+def incomplete(path):
+    """Why a checkpoint folder cannot be resumed from (None: it can): its manifest is missing or a
+    file it lists is missing or of another size (a truncated shard, say)."""
+    try:
+        files = json.load(open(os.path.join(path, "manifest.json")))
+    except (OSError, ValueError):
+        return "no manifest (written last: the save did not finish)"
+    for name, size in sorted(files.items()):
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            return f"{name} is missing"
+        if os.path.getsize(full) != size:
+            return f"{name} has {os.path.getsize(full)} bytes, not {size}"
+    for need in ("trainer.json", os.path.join("state", ".metadata"), f"rng-{get_rank()}.pt"):
+        if need not in files:
+            return f"{need} is missing"
+    return None
+
+
+def get_rank():
+    return torch.distributed.get_rank() if distributed() else 0
 
 
 def load_checkpoint(policy, opt, sched, stream, path, rank):
     """Restore everything save_checkpoint wrote; returns the step to continue after."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    with open(os.path.join(path, "trainer.json")) as f:
+        t = json.load(f)
+    if t.get("world", 1) != world_size():
+        raise SystemExit(f"error: {path} was written by {t['world']} ranks; resume it with as many "
+                         f"(this run has {world_size()}): each rank's random stream is its own")
     model_sd, optim_sd = get_state_dict(policy, opt)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=os.path.join(path, "state"))
     set_state_dict(policy, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    with open(os.path.join(path, "trainer.json")) as f:
-        t = json.load(f)
     stream.epoch, stream.pos = t["epoch"], t["pos"]
     sched.load_state_dict(t["sched"])
-    rng = torch.load(os.path.join(path, f"rng-{rank}.pt"), weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
+    set_rng_state(torch.load(os.path.join(path, f"rng-{rank}.pt"), weights_only=False))
     return t["step"]
 
 
 def resume(policy, opt, sched, stream, out_dir, logger, args, rank, say):
-    """--resume: restore the newest complete checkpoint; -> the step to continue after (0: none)."""
-    if not (args.resume and checkpoints(out_dir)):
+    """--resume: restore the newest complete checkpoint, saying which newer ones are skipped and
+    why; -> the step to continue after (0: none, the run starts afresh and its old rows go)."""
+    if not args.resume:
         return 0
-    path = checkpoints(out_dir)[-1][1]
-    start = load_checkpoint(policy, opt, sched, stream, path, rank)
-    logger.truncate(start)
-    say(f"resuming from {path} (step {start})")
+    start = 0
+    for step, path in reversed(checkpoints(out_dir)):
+        why = all_max(incomplete(path) is not None)  # every rank must agree on the one it takes
+        if why:
+            say(f"warning: skipping {path}: {incomplete(path) or 'incomplete on another rank'}")
+            continue
+        start = load_checkpoint(policy, opt, sched, stream, path, rank)
+        say(f"resuming from {path} (step {start})")
+        break
+    else:
+        say(f"note: --resume: no complete checkpoint in {out_dir}; starting from step 0")
+    logger.truncate(start, say)
     return start
 
 
+RUN_FILES = re.compile(r"metrics\.jsonl|checkpoint-\d+(\.tmp)?|events\.out\.tfevents\..*")
+_LOCKS = {}
+
+
 def prepare_output_dir(args, rank):
-    """--output-dir, default runs/<algo>-<timestamp>; every rank uses rank 0's. A folder holding
-    another run's checkpoints is refused unless --resume or --overwrite (which clears it)."""
+    """--output-dir, default runs/<algo>-<timestamp>; every rank uses rank 0's. Rank 0 locks it for
+    the run (a second run on it stops at once). A folder holding an earlier run's files is refused
+    unless --resume (continue it) or --overwrite (clear it first) is given."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = args.output_dir or os.path.join("runs", f"{args.algo}-{stamp}")
     if distributed():
         box = [out_dir]
         torch.distributed.broadcast_object_list(box)
         out_dir = box[0]
-    if checkpoints(out_dir) and not (args.resume or args.overwrite or args.eval_only):
-        raise SystemExit(f"error: {out_dir} holds checkpoints of another run; pass --resume to "
-                         "continue it or --overwrite to start afresh")
+    problem = None
     if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        if args.overwrite and not args.resume:
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            problem = _lock(out_dir)
+        except OSError as e:
+            problem = f"cannot be used ({e.strerror or e})"
+        names = [] if problem else os.listdir(out_dir)
+        earlier = sorted(f for f in names if RUN_FILES.fullmatch(f))
+        if earlier and not (args.resume or args.overwrite or args.eval_only):
+            problem = (f"holds an earlier run ({', '.join(earlier[:3])}"
+                       f"{' ...' if len(earlier) > 3 else ''}); pass --resume to continue it or "
+                       "--overwrite to start afresh")
+        if earlier and args.overwrite and not args.resume and not problem:
             import shutil
-            for _, d in checkpoints(out_dir):
-                shutil.rmtree(d)
-            open(os.path.join(out_dir, "metrics.jsonl"), "w").close()
-    barrier()
+            for f in earlier:
+                p = os.path.join(out_dir, f)
+                shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    box = [problem]
+    if distributed():
+        torch.distributed.broadcast_object_list(box)
+    if box[0]:
+        release(out_dir)
+        raise SystemExit(f"error: output folder {out_dir} {box[0]}")
     return out_dir
+
+
+def _lock(out_dir):
+    """An exclusive lock on out_dir/.lock for as long as the run lasts (the OS drops it when the
+    process ends, however it ends); -> None, or why it cannot be had."""
+    import fcntl
+    release(out_dir)  # this process's earlier run on the folder (in-process callers, tests)
+    fd = os.open(os.path.join(out_dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return "is in use by another run (it holds .lock); wait for it or pick another folder"
+    _LOCKS[os.path.abspath(out_dir)] = fd
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return None
+
+
+def release(out_dir):
+    fd = _LOCKS.pop(os.path.abspath(out_dir), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def finishes(main):
+    """main, which however it ends (returns, SystemExit, an error) restores the signal handlers,
+    unlocks its output folder and closes the process group."""
+    import functools
+
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        finally:
+            STOP.restore()
+            for path in list(_LOCKS):
+                release(path)
+            if distributed():
+                torch.distributed.destroy_process_group()
+    return wrapped
+
+
+def run(main):
+    """`python calibrl.py` / torchrun: main(), with a collective that timed out (a frozen or dead
+    peer, --dist-timeout) turned into one line and exit code 1 instead of a traceback."""
+    try:
+        main()
+    except (RuntimeError, torch.distributed.DistError) as e:
+        text, rank = str(e).lower(), os.environ.get("RANK", "0")
+        if "timed out" in text or "timeout" in text:
+            raise SystemExit(f"error: rank {rank}: a collective waited longer than --dist-timeout "
+                             f"for another rank (frozen?): {str(e).splitlines()[0][:200]}")
+        if "closed by peer" in text or "connection reset" in text:
+            raise SystemExit(f"error: rank {rank}: another rank is gone (see its own message)")
+        raise

@@ -50,6 +50,9 @@ def train(out, *more, steps=2):
     return calibrl.main(flags(out, *more, steps=steps))
 
 
+WALL_CLOCK = ("time/", "perf/", "train/reward_seconds")  # metrics that measure the machine, not the run
+
+
 def run_metrics(d):
     """{step: metrics} of the training steps in a run folder's metrics.jsonl."""
     return {l["step"]: l for l in map(json.loads, open(os.path.join(d, "metrics.jsonl")))
@@ -616,7 +619,7 @@ def test_resume_is_exact(tmp_path):
     assert sorted(mb) == [1, 2, 3, 4]
     for step in (3, 4):
         for k, v in ma[step].items():
-            if not k.startswith(("time/", "perf/")):
+            if not k.startswith(WALL_CLOCK):
                 assert abs(v - mb[step][k]) <= 1e-6, (step, k, v, mb[step][k])
 
 def test_refuses_another_runs_output_dir(tmp_path):
@@ -664,6 +667,17 @@ BAD_DATASETS = [  # (name, rows: the bad one is row 3 of the file, extra flags, 
     ("solution not text", [bad(solution=7)], [], ["row 3", "'solution'"]),
     ("prompt too long", [], ["--max-prompt-length", "40"], ["row 1", "'prompt'", "> --max-prompt-length 40"]),
     ("solution too long", [], ["--max-response-length", "6"], ["row 1", "'solution'", "> --max-response-length 6"]),
+    ("content an int", [bad(prompt=[{"role": "user", "content": 5}])], [], ["row 3", "'prompt'", "wrong type (int"]),
+    ("content a dict", [bad(prompt=[{"role": "user", "content": {"text": "Q"}}])], [],
+     ["row 3", "'prompt'", "wrong type (dict"]),
+    ("content strings", [bad(prompt=[{"role": "user", "content": ["Q", "R"]}])], [], ["row 3", "'prompt'", "wrong type"]),
+    ("system only, an image", [bad(prompt=[{"role": "system", "content": "Count."}])], [],
+     ["row 3", "'prompt'", "no user message"]),
+    ("assistant only", [bad(prompt=[{"role": "assistant", "content": "<image>Count."}])], [],
+     ["row 3", "'prompt'", "no user message"]),
+    ("unknown role", [bad(prompt=[{"role": "teacher", "content": "<image>Count."}])], [],
+     ["row 3", "'prompt'", "unknown role 'teacher'"]),
+    ("answer of a wrong type", [bad(answer={"value": 5})], [], ["row 3", "'answer'", "wrong type (dict"]),
 ]
 
 @pytest.mark.parametrize("name,bad_rows,extra,want", BAD_DATASETS, ids=[b[0] for b in BAD_DATASETS])
@@ -680,7 +694,10 @@ def test_bad_dataset_is_named_before_training(tmp_path, name, bad_rows, extra, w
 def test_bad_files_and_bad_parquet(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
-    for path, want in [(tmp_path / "none.jsonl", "not found"), (tmp_path / "empty.jsonl", "no rows"),
+    (tmp_path / "rows.csv").write_text("prompt,answer\nQ,1\n")
+    (tmp_path / "folder.jsonl").mkdir()
+    for path, want in [(tmp_path / "rows.csv", "unknown format '.csv'"), (tmp_path / "folder.jsonl", "is a folder"),
+                       (tmp_path / "none.jsonl", "not found"), (tmp_path / "empty.jsonl", "no rows"),
                        (tmp_path / "junk.parquet", "unreadable"), (tmp_path / "img.parquet", r"row 2, field 'images\[0\]'")]:
         if path.name == "empty.jsonl":
             path.write_text("\n")
@@ -764,6 +781,249 @@ def test_non_finite_loss_skips_steps_then_stops_with_a_checkpoint(tmp_path, monk
     (step, ckpt), = infra.checkpoints(str(tmp_path))
     a, b = params(ckpt), params(calibrl.DEMO_MODEL)
     assert step == 2 and all(torch.equal(a[k], b[k]) for k in b if k in a)  # the weights were never touched
+
+# -----------------------------------------------------------------------------
+# Faults and misuse: nothing lost, nothing silent, no tracebacks
+
+FLAG_ERRORS = [  # (flags, the flag named in the message)
+    (["--group-size", "0"], "--group-size 0"), (["--group-size", "-1"], "--group-size -1"),
+    (["--prompts-per-step", "0"], "--prompts-per-step 0"), (["--micro-batch-size", "0"], "--micro-batch-size 0"),
+    (["--mini-batch-prompts", "0"], "--mini-batch-prompts 0"), (["--ppo-epochs", "0"], "--ppo-epochs 0"),
+    (["--lr", "nan"], "--lr nan"), (["--lr", "inf"], "--lr inf"), (["--temperature", "0"], "--temperature 0.0"),
+    (["--steps", "0"], "--steps 0"), (["--max-bad-steps", "0"], "--max-bad-steps 0"),
+    (["--reward-timeout", "0"], "--reward-timeout 0.0"), (["--top-p", "0"], "--top-p 0.0"),
+    (["--clip-low", "1"], "--clip-low 1.0"), (["--alpha", "2"], "--alpha 2.0"),
+    (["--dist-timeout", "-5"], "--dist-timeout -5.0"),
+    (["--eval-only", "--model", calibrl.DEMO_MODEL, "--preset", "demo"], "--eval-only needs --eval-data"),
+]
+
+@pytest.mark.parametrize("extra,named", FLAG_ERRORS, ids=[" ".join(f[0][:2]) for f in FLAG_ERRORS])
+def test_flag_errors_are_named_before_the_model_loads(tmp_path, extra, named, monkeypatch):
+    monkeypatch.setattr(calibrl, "load_model", lambda *a: pytest.fail("the model loaded"))
+    with pytest.raises(SystemExit) as e:
+        train(tmp_path / "o", *extra)
+    assert str(e.value.code).startswith("error: ") and named in str(e.value.code), e.value.code
+
+def test_a_flag_error_from_the_command_line_is_one_line(tmp_path):
+    p = subprocess.run([sys.executable, "calibrl.py", "--lr", "nan", "--output-dir", str(tmp_path)],
+                       cwd=HERE, env=ENV, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr.strip() == "error: --lr nan: must be > 0", p.stderr
+
+def test_rows_the_processor_refuses_or_that_are_not_utf8(tmp_path):
+    """An image with an aspect ratio over 200 (the processor's ValueError) and a line with a byte that is
+    not UTF-8 are bad rows (named, skippable), not a traceback or an unreadable file."""
+    from PIL import Image
+    Image.new("RGB", (2, 600), (9, 9, 9)).save(tmp_path / "thin.png")
+    rows = demo_rows(4) + [bad(images=[str(tmp_path / "thin.png")])]
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in rows) + b'{"prompt": "caf\xe9"}\n')
+    with pytest.raises(SystemExit) as e:
+        train(tmp_path / "o", "--data", str(path))
+    msg = str(e.value.code)
+    assert "row 5, field 'images'" in msg and "aspect ratio" in msg, msg
+    assert "row 6, field 'json': not UTF-8 (byte 0xe9 at column 16)" in msg, msg
+    out = train(tmp_path / "p", "--data", str(path), "--skip-bad-rows", steps=1)
+    assert sorted(run_metrics(out)) == [1]
+
+def test_resume_without_a_checkpoint_starts_afresh_and_says_so(tmp_path, capsys):
+    """--resume where no checkpoint was written (a run killed before its first save) starts at step 0 and
+    drops the old rows (no step twice); without --resume such a folder is refused; --resume on a missing
+    folder says it starts afresh."""
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "metrics.jsonl").write_text('{"step": 1, "train/reward": 9}\n{"step": 2, "train/reward": 9}\n')
+    with pytest.raises(SystemExit, match="holds an earlier run .metrics.jsonl.; pass --resume"):
+        train(tmp_path / "o")
+    train(tmp_path / "o", "--resume", steps=2)
+    assert "no complete checkpoint" in capsys.readouterr().out
+    steps = [json.loads(l)["step"] for l in open(tmp_path / "o" / "metrics.jsonl")]
+    assert steps == [1, 2] and all(m["train/reward"] < 2 for m in run_metrics(str(tmp_path / "o")).values())
+    train(tmp_path / "new", "--resume", steps=1)
+    assert "starting from step 0" in capsys.readouterr().out
+
+def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path):
+    out = train(tmp_path, "--save-every", "1", steps=1)
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 2, "train/rew')             # a run killed while appending
+    train(tmp_path, "--resume", steps=2)
+    assert sorted(run_metrics(out)) == [1, 2]
+
+CORRUPTIONS = {  # what goes wrong in the newest checkpoint -> a piece of the reason given for skipping it
+    "state metadata missing": (lambda c: os.remove(c / "state" / ".metadata"), "state/.metadata is missing"),
+    "a truncated shard": (lambda c: truncate(c / "state" / "__0_0.distcp"), "__0_0.distcp has"),
+    "trainer.json missing": (lambda c: os.remove(c / "trainer.json"), "trainer.json is missing"),
+    "rng state missing": (lambda c: os.remove(c / "rng-0.pt"), "rng-0.pt is missing"),
+    "a truncated model export": (lambda c: truncate(c / "model.safetensors"), "model.safetensors has"),
+    "no manifest (save cut short)": (lambda c: os.remove(c / "manifest.json"), "no manifest"),
+}
+
+def truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+    import shutil
+    base = train(tmp_path / "base", "--save-every", "1", steps=2)  # checkpoint-1, checkpoint-2
+    for name, (corrupt, reason) in CORRUPTIONS.items():
+        run = tmp_path / name.replace(" ", "-")
+        shutil.copytree(base, run)
+        corrupt(run / "checkpoint-2")
+        capsys.readouterr()
+        train(run, "--resume", steps=1)  # resume, and with step 1 done there is nothing to run
+        said = capsys.readouterr().out
+        assert f"skipping {run / 'checkpoint-2'}: " in said and reason in said, (name, said)
+        assert f"resuming from {run / 'checkpoint-1'} (step 1)" in said, (name, said)
+        assert sorted(run_metrics(str(run))) == [1]  # step 2's row, after the checkpoint, is dropped
+    # a truncated exported model is a clear error in --eval-only, not a SafetensorError
+    truncate(tmp_path / "base" / "checkpoint-2" / "model.safetensors")
+    with pytest.raises(SystemExit, match="error: model .*checkpoint-2: cannot be loaded"):
+        calibrl.main(["--eval-only", "--model", str(tmp_path / "base" / "checkpoint-2"), "--preset", "demo",
+                      "--eval-data", calibrl.DEMO_VAL, "--output-dir", str(tmp_path / "e")])
+
+def test_two_runs_on_one_folder(tmp_path):
+    """A second run on a folder in use stops at once with a clear message (the first holds a lock)."""
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(tmp_path / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit, match="is in use by another run"):
+            train(tmp_path, steps=1)
+        assert not (tmp_path / "metrics.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(run_metrics(train(tmp_path, steps=1))) == [1]  # once it is gone the folder is usable
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_whole_metrics_lines(tmp_path, monkeypatch):
+    import errno
+    real_save = torch.save
+    def full_disk(obj, f, *a, **kw):
+        if "checkpoint-2" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **kw)
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit, match="checkpoint-2 could not be written .no space left on the device"):
+        train(tmp_path, "--save-every", "1", steps=2)
+    assert [s for s, _ in infra.checkpoints(str(tmp_path))] == [1] and not infra.incomplete(tmp_path / "checkpoint-1")
+    assert not (tmp_path / "checkpoint-2.tmp").exists()
+    monkeypatch.setattr(torch, "save", real_save)
+    # the metrics append: a failed write is cut back, never half a line
+    def half_then_full(fd, data):
+        os.write(fd, data[:len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(infra, "_write_all", half_then_full)
+    with pytest.raises(SystemExit, match="cannot write .*metrics.jsonl .No space left on device."):
+        train(tmp_path, "--resume", steps=2)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in lines] == [1]
+
+def test_non_finite_weights_after_a_step_stop_the_run_unsaved(tmp_path, monkeypatch):
+    """An optimizer step that leaves an infinite weight (with a finite gradient norm) stops the run at
+    once; nothing is saved over the last good checkpoint."""
+    real_step = torch.optim.AdamW.step
+    def blow_up(self, *a, **kw):
+        out = real_step(self, *a, **kw)
+        if self.state and next(iter(self.state.values()))["step"] >= 2:  # the second step
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return out
+    monkeypatch.setattr(torch.optim.AdamW, "step", blow_up)
+    with pytest.raises(SystemExit, match="step 2 left non-finite weights; they are not saved"):
+        train(tmp_path, "--save-every", "1", "--mini-batch-prompts", "4", steps=3)
+    assert [s for s, _ in infra.checkpoints(str(tmp_path))] == [1]
+
+def test_long_answers_and_the_per_step_budget_skip_math_verify(monkeypatch):
+    v = infra.Verifier(calibrl.math_equal, timeout=5.0, budget=30.0)
+    assert v("1/2", "0.5") == 1.0 and v.failures == 0 and v.spent > 0
+    assert v("0." + "5" * 2000, "0.5") == 0.0 and v.failures == 1        # too long: not parsed at all
+    v.spent = v.budget                                                   # the step's budget is spent
+    assert v("1/2", "0.5") == 0.0 and v.failures == 2
+    v.start_step()
+    assert v("1/2", "0.5") == 1.0
+
+def test_an_orphaned_answer_checker_exits_quietly(tmp_path):
+    """After a SIGKILL of the trainer, its answer-checking worker ends without an EOFError traceback."""
+    import signal
+    import time
+    script = ("import time, calibrl\ncalibrl.VERIFY('1/2', '0.5')\n"
+              "print(calibrl.VERIFY.proc.pid, flush=True)\ntime.sleep(120)\n")
+    p = subprocess.Popen([sys.executable, "-c", script], cwd=HERE, env=ENV, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    worker = int(p.stdout.readline())
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    for _ in range(100):  # the worker sees its pipe close and leaves
+        if not os.path.exists(f"/proc/{worker}") or open(f"/proc/{worker}/stat").read().split()[2] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the orphaned worker is still running")
+    assert "Traceback" not in p.stderr.read()
+
+def children(pid):
+    """The ranks torchrun started: {RANK: pid}."""
+    out = {}
+    for d in os.listdir("/proc"):
+        try:
+            if d.isdigit() and open(f"/proc/{d}/stat").read().split(") ")[1].split()[1] == str(pid):
+                env = dict(x.split("=", 1) for x in open(f"/proc/{d}/environ").read().split("\0") if "=" in x)
+                if "RANK" in env:
+                    out[int(env["RANK"])] = int(d)
+        except OSError:
+            pass
+    return out
+
+def test_sigterm_to_torchrun_in_a_long_rollout_checkpoints_the_last_step(tmp_path):
+    """torchrun forwards SIGTERM to the ranks and SIGKILLs them 30 s later: a stop in the middle of step 2's
+    rollout abandons it and writes checkpoint-1 (the state before step 2, the random state as at its start)
+    at once; --resume then replays step 2 exactly as an uninterrupted run does."""
+    import signal
+    import time
+    long = flags(tmp_path / "cut", "--group-size", "16", "--temperature", "3", "--max-response-length", "160",
+                 steps=2)  # at temperature 3 the tiny model rarely stops: rollouts of a few seconds
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "calibrl.py"]
+    p = subprocess.Popen(cmd + long, cwd=HERE, env=CPU_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    with deadline(240):
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+            time.sleep(0.1)
+    p.send_signal(signal.SIGTERM)                     # step 2's rollout has just begun
+    t0 = time.time()
+    out, _ = p.communicate(timeout=120)
+    assert time.time() - t0 < 30, out[-3000:]          # before torchrun's SIGKILL
+    assert "stopped by signal in step 2" in out and "checkpoint-1" in out, out[-3000:]
+    assert [s for s, _ in infra.checkpoints(str(tmp_path / "cut"))] == [1]
+    assert "Traceback (most recent call last):\n  File \"/work" not in out.split("stopped by signal")[0]
+    torchrun(2, "calibrl.py", *long, "--resume")
+    torchrun(2, "calibrl.py", *flags(tmp_path / "straight", *long[len(flags(tmp_path / "cut", steps=2)):], steps=2))
+    resumed, straight = run_metrics(str(tmp_path / "cut")), run_metrics(str(tmp_path / "straight"))
+    assert sorted(resumed) == [1, 2]
+    for k, v in straight[2].items():
+        if not k.startswith(WALL_CLOCK):
+            assert abs(v - resumed[2][k]) <= 1e-6, (k, v, resumed[2][k])
+
+def test_a_frozen_rank_ends_the_run_after_dist_timeout(tmp_path):
+    """A rank stopped (SIGSTOP) leaves its peer waiting in a collective: after --dist-timeout the peer stops
+    with one line instead of hanging for torch's default 30 minutes."""
+    import signal
+    import time
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "calibrl.py",
+           *flags(tmp_path, "--dist-timeout", "3", steps=100)]
+    env = {**CPU_ENV, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "2"}  # torchrun's wait before it SIGKILLs the rest
+    p = subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    try:
+        with deadline(240):
+            while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+                time.sleep(0.1)
+            ranks = children(p.pid)
+        os.kill(ranks[1], signal.SIGSTOP)
+        out, _ = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert "rank 0: a collective waited longer than --dist-timeout" in out, out[-3000:]
 
 # -----------------------------------------------------------------------------
 # The fused Triton op (kernels/) against the readable torch path, float64 reference.
