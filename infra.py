@@ -347,6 +347,12 @@ def read_examples(path, args, tok, is_vlm, prepare, say=print, train=True):
             if n_prompt > args.max_prompt_length:
                 raise BadRow("prompt", f"{n_prompt} tokens > --max-prompt-length "
                                        f"{args.max_prompt_length}")
+            k = args.group_size if train else max(args.eval_samples, 1)  # samples per prompt
+            if too_long([n_prompt], k, args.max_response_length, args.rollout_max_tokens):
+                need = call_tokens(n_prompt, k, args.max_response_length)
+                raise BadRow("prompt", f"{n_prompt} tokens need {need} KV positions with {k} "
+                             f"samples of --max-response-length {args.max_response_length} > "
+                             f"--rollout-max-tokens {args.rollout_max_tokens}")
             if train and ex["solution"] is None and args.algo in ("luffy", "rlplus"):
                 raise BadRow(args.solution_key, f"missing: --algo {args.algo} needs an expert "
                                                 "solution")
