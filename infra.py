@@ -1045,7 +1045,7 @@ def _run_call(m, encs, call, sp, kv, pad_id, suppress, stop, compact, sync_every
         kv.mode = ("static", col_buf)
         step = lambda: m.head(m.hidden(tok_buf, pos_buf, bias, kv))            # (B, G, V)
     while t < T:
-        if interrupt is not None and interrupt():  # local: no other rank is waited for
+        if interrupt is not None and bool(interrupt()):  # local: no rank waits for another
             r = row[:, None].expand_as(slot)
             length[r, slot] = torch.where(alive, t, length[r, slot])
             stopped = True
@@ -1201,7 +1201,7 @@ def generate(model, encs, sp, calls, *, pad_id, n_calls=None, all_sum=None, prog
     with rollout_attention_on(model):
         for k in range(n_calls):
             mine = torch.zeros(2, dtype=torch.float64)           # prompts, tokens of this call
-            stopped = stopped or (interrupt is not None and interrupt())
+            stopped = stopped or (interrupt is not None and bool(interrupt()))
             if k < len(calls) and not stopped:  # a dummy call runs no forward: none needs one
                 call = calls[k]
                 graph = StepGraph() if static and cuda_graph and dev.type == "cuda" else None

@@ -3,10 +3,12 @@
 #
 #     bash .ci/gpu_check.sh            # each step's full output in $OUT (default /tmp/gpu-check)
 #
-# Steps, most informative first, each with its own timeout (they add up to under 10 minutes):
+# Steps, most informative first, each with its own timeout (expected well under 10 minutes):
 #   00 environment and versions          03 the fused op at the Qwen2.5-VL-3B head shape, bf16
 #   01 the GPU-only tests                04 2 training steps at the 3B shape: --preset paper, bf16,
 #   02 full-vocabulary bf16 vs float64      FSDP2, the fused op, CUDA memory capped at 80 GB
+#   05 the rollout at the 3B shape: transformers' generate (before issue 13) against the engine,
+#      eager and with a CUDA graph: tokens/s, peak memory (80 GB cap), identical tokens
 # A step that fails or times out is reported and the next one runs. Later checks add steps here.
 set -u
 cd "$(dirname "$0")/.."
@@ -34,7 +36,8 @@ for d in (\"liger-kernel\", \"flash-attn\", \"kernels\", \"math-verify\"):
     except m.PackageNotFoundError:
         print(d, \"not installed\")"'
 step 01_gpu_tests 120 python -m pytest -q -x -p no:cacheprovider test_calibrl.py \
-    -k "logprobs or policy_loss or group_advantages or uniform_group or samplers_distribution or fused"
+    -k "logprobs or policy_loss or group_advantages or uniform_group or samplers_distribution or fused \
+        or rollout_cuda_graph"
 step 02_full_vocab 60 python kernels/bench.py --n 4096 --h 2048 --v 151936 --dtype bfloat16 --paths fused
 step 03_bench_head 120 bash -c 'python kernels/bench.py --n 32768 --h 2048 --v 151936 --dtype bfloat16 &&
     python kernels/bench.py --n 6144 --h 2048 --v 151936 --dtype bfloat16'
@@ -43,3 +46,5 @@ step 04_train_3b 240 bash -c 'python data/make_demo.py --random-3b /tmp/qwen2.5-
       --data data/demo/train.jsonl --eval-data data/demo/val.jsonl --eval-max-prompts 16 --eval-every 2 \
       --steps 2 --prompts-per-step 16 --mini-batch-prompts 8 --max-response-length 256 --fused on \
       --dtype bfloat16 --output-dir /tmp/gpu-check-run --overwrite'
+step 05_bench_rollout 150 python data/bench_rollout.py --gpu-3b \
+    --only "today;engine, 1 call;engine, 1 call, CUDA graph"
