@@ -1148,8 +1148,8 @@ def generate(model, encs, sp, calls, *, pad_id, n_calls=None, all_sum=None, prog
              progress_every=10.0, interrupt=None, compact=True, sync_every=None,
              prefill_tokens=None, cuda_graph=False, static=False):
     """Sample sp.n responses for each prompt -> Rollout.
-    model: a transformers causal LM / VLM in eval mode with whole weights (under FSDP2: inside
-      gathered(policy), called from policy's forward).
+    model: a transformers causal LM / VLM with whole weights (under FSDP2: inside
+      gathered(policy), called from policy's forward); it decodes in eval mode.
     encs: this rank's prompt encodings (calibrl.encode_prompt: input_ids (1, n), attention_mask,
       [mm_token_type_ids, pixel_values, image_grid_thw]), on the CPU or the device.
     calls: plan_calls([n of each prompt], sp.n, sp.max_new_tokens, max_tokens).
@@ -1198,7 +1198,12 @@ def generate(model, encs, sp, calls, *, pad_id, n_calls=None, all_sum=None, prog
     total = torch.tensor([float(len(encs)), 0.0], dtype=torch.float64)
     meter = _Meter(progress, progress_every, int((all_sum(total) if all_sum else total)[0]), dev)
     t0, n_tokens, work, stopped = time.time(), 0, [0, 0], False
-    with rollout_attention_on(model):
+    # eval mode: no dropout, and no gradient checkpointing (in training mode transformers 5.17
+    # drops every layer's cache under it); the caller gets the model back in its own mode
+    training = model.training
+    with rollout_attention_on(model), contextlib.ExitStack() as restore:
+        restore.callback(model.train, training)
+        model.eval()
         for k in range(n_calls):
             mine = torch.zeros(2, dtype=torch.float64)           # prompts, tokens of this call
             stopped = stopped or (interrupt is not None and bool(interrupt()))

@@ -1555,3 +1555,15 @@ def test_rollout_metrics_every_step(tmp_path):
     assert m["perf/rollout_calls"] == 2 and m["perf/rollout_max_call_tokens"] == 576
     assert m["perf/rollout_tokens_per_sec"] > 0 and m["mem/rollout_peak_gb"] > 0
     assert m["rollout/logprob_gap"] < 1e-4, m["rollout/logprob_gap"]
+
+
+def test_rollout_in_training_mode_with_gradient_checkpointing(demo, mix):
+    """Evaluation runs after the update, with the model in training mode, and the paper preset
+    checkpoints gradients; transformers 5.17 then drops every layer's cache. The engine decodes
+    in eval mode and gives the model back in the mode it came in."""
+    model, _, tok, _ = calibrl.load_model(calibrl.DEMO_MODEL, torch.float32, "cpu")
+    sp = sampler(tok, n=1, greedy=True)
+    ref = engine(model.eval(), tok, mix, sp)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    out = engine(model.train(), tok, mix, sp)
+    assert model.training and n_same(ref.responses, out.responses) == len(mix)
