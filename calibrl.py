@@ -90,7 +90,8 @@ class Args:
     prompts_per_step: int = arg(16, "prompts per training step, over all ranks")
     mini_batch_prompts: int = arg(16, "prompts (whole groups) per optimizer step, over all ranks")
     micro_batch_size: int = arg(64, "rows per forward/backward (gradient accumulation)")
-    rollout_batch_prompts: int = arg(64, "prompts per generate call on each rank")
+    rollout_max_tokens: int = arg(65536, "KV positions per rollout call: prompt + G responses each")
+    rollout_cuda_graph: bool = arg(False, "decode with a CUDA graph (not yet measured on a GPU)")
     ppo_epochs: int = arg(1, "passes over the step's rollouts")
     lr: float = arg(1e-4, "AdamW learning rate (constant after warm-up)")
     warmup_steps: int = arg(0, "optimizer steps of linear learning-rate warm-up")
@@ -121,8 +122,10 @@ class Args:
 PRESETS = {
     # The official recipe (spec: "Training step"; the official 7B script: total_epochs=1,
     # data.shuffle=False, drop_last, test_freq=5, save_freq=10); steps=None: one epoch.
+    # rollout_max_tokens: 2^20 KV positions, 36 GiB at 3B in bf16, beside ~15 GiB of gathered
+    # weights and sharded state on 8 GPUs: a rollout fits an 80 GB GPU (README, "Rollout")
     "paper": dict(group_size=10, prompts_per_step=480, mini_batch_prompts=120, micro_batch_size=8,
-                  rollout_batch_prompts=16, lr=1e-6, weight_decay=0.01, max_grad_norm=1.0,
+                  rollout_max_tokens=2**20, lr=1e-6, weight_decay=0.01, max_grad_norm=1.0,
                   temperature=1.0, top_p=1.0, max_prompt_length=20480, max_response_length=4096,
                   clip_low=0.2, clip_high=0.2, clip_c=3.0, alpha=0.5, lam=0.1, steps=None,
                   shuffle=False, save_every=10, eval_every=5, gradient_checkpointing=True),
@@ -283,6 +286,7 @@ class Row:
     expert: bool = False                 # the expert's solution + end-of-turn (departure 9)
     acc: float = 0.0                     # reward: accuracy in {0, 1}
     fmt: float = 0.0                     # reward: format in {0, 1}
+    sample_logp: torch.Tensor = None     # (T_i,) fp32 the sampler's log-prob of y_t (on-policy)
     old_logp: torch.Tensor = None        # (T_i,) fp32 log pi_old(y_t)
     entropy: torch.Tensor = None         # (T_i,) fp32 entropy of pi_old at each position
     adv: float = 0.0                     # Eq. A: A_i; on the expert row A_E = r_E - mu
@@ -334,44 +338,45 @@ def collate(encs, responses, pad_id, device):
     return {k: v.to(device) for k, v in inputs.items()}, L
 
 def sampling_config(args, tok, n, greedy=False):
-    """The sampler: softmax(logits / T) over every id but tok.suppress_ids (top-p when below 1), or
-    greedy. Every field that shapes the distribution is set here (load_model cleared the folder's
-    defaults); top_k=0 switches off transformers' default top-k of 50."""
-    from transformers import GenerationConfig
-    return GenerationConfig(do_sample=not greedy, temperature=None if greedy else args.temperature,
-                            top_p=None if greedy else args.top_p, top_k=None if greedy else 0,
-                            repetition_penalty=1.0, max_new_tokens=args.max_response_length,
-                            num_return_sequences=n, eos_token_id=tok.stop_ids,
-                            pad_token_id=tok.pad_id, suppress_tokens=tok.suppress_ids or None)
+    """The sampler: n samples per prompt from softmax(logits / T) over every id but
+    tok.suppress_ids (top-p when below 1), or greedy; a sample ends at a stop id or after
+    --max-response-length tokens. Nothing else shapes it, whatever the model folder's
+    generation_config.json holds (departure 11)."""
+    return infra.Sampling(n, args.max_response_length, args.temperature, args.top_p, greedy,
+                          tok.stop_ids, tok.suppress_ids)
 
 @torch.no_grad()
-def generate(policy, tok, encs, n, args, device, greedy=False):
-    """n responses per prompt -> [(T_i,) LongTensor] * (len(encs) * n), each ending in a stop id
-    unless truncated. Call inside infra.gathered(policy): the weights are whole while decoding."""
-    gen, out = sampling_config(args, tok, n, greedy), []
-    for i in range(0, len(encs), args.rollout_batch_prompts):
-        inputs, L = collate(encs[i:i + args.rollout_batch_prompts], None, tok.pad_id, device)
-        seqs = policy(inputs, sampler=gen)                                          # (R * n, L+T)
-        for s in seqs[:, L:].cpu():  # (R * n, T_gen): cut after the first stop token
-            end = torch.isin(s, torch.tensor(tok.stop_ids)).nonzero()
-            out.append(s[: end[0, 0] + 1] if len(end) else s)
-    return out
+def generate(policy, tok, encs, n, args, greedy=False, interrupt=None):
+    """n responses per prompt -> infra.Rollout: .responses [(T_i,) LongTensor] * (len(encs) * n),
+    each ending in a stop id unless truncated, .logprobs the sampler's log-prob of each token,
+    .stats. Call inside infra.gathered(policy): the weights are whole while decoding."""
+    # memory by budget: calls of similar-length prompts, each prompt's KV once + n * T positions
+    calls = infra.plan_calls([e["input_ids"].shape[1] for e in encs], n, args.max_response_length,
+                             args.rollout_max_tokens)
+    sp = sampling_config(args, tok, n, greedy)
+    # the engine runs in policy's forward (FSDP2's root); a closure, so that FSDP2 does not move
+    # every prompt's images to the GPU at once
+    return policy(None, sampler=lambda model: infra.generate(
+        model, encs, sp, calls, pad_id=tok.pad_id, interrupt=interrupt,
+        cuda_graph=args.rollout_cuda_graph))
 
-def rollout(policy, tok, examples, encs, args, device):
+def rollout(policy, tok, examples, encs, args):
     """-> [Group]: G sampled responses per prompt, scored by the reward, and (unless grpo, and when
-    the prompt has a solution) its expert row: the solution + end-of-turn (departure 9)."""
+    the prompt has a solution) its expert row: the solution + end-of-turn (departure 9); and the
+    rollout's metrics."""
     G = args.group_size
-    samples = generate(policy, tok, encs, G, args, device)
+    out = generate(policy, tok, encs, G, args, interrupt=infra.STOP.requested)  # a stop: end now
     groups = []
     for p, (ex, enc) in enumerate(zip(examples, encs)):
-        group = Group(ex, enc, [Row(samples[p * G + g]) for g in range(G)])
+        rows = [Row(out.responses[i], sample_logp=out.logprobs[i]) for i in range(p * G, p * G + G)]
+        group = Group(ex, enc, rows)
         if args.algo != "grpo" and ex["solution"] is not None:
             ids = tok(ex["solution"], add_special_tokens=False)["input_ids"] + [tok.eos_id]
             group.expert = Row(torch.tensor(ids[: args.max_response_length]), expert=True)
         for r in group.all_rows():
             r.acc, r.fmt = reward_fn(tok.decode(r.resp, skip_special_tokens=True), ex["answer"])
         groups.append(group)
-    return groups
+    return groups, out.stats
 
 # -----------------------------------------------------------------------------
 # Log-probs: one scoring function for pi_old, l^E (Eq. B) and the update, so rho = 1 at first.
@@ -392,7 +397,7 @@ def token_logprobs(logits, targets, temperature=1.0, suppress_ids=None):
 class Policy(torch.nn.Module):
     """The model, as FSDP2's root unit: all that touches the weights runs in this forward, around
     which FSDP2 gathers the root's own parameters (embeddings, final norm, a tied LM head).
-      policy(inputs, sampler=config)      -> sampled sequences (R * n, L+T)      (the rollout)
+      policy(None, sampler=fn)            -> fn(model): infra.generate's samples  (the rollout)
       policy(inputs, L)                   -> log pi, entropy (R, T) of responses  (pi_old, l^E)
       policy(inputs, L, loss=Eq. C args)  -> (loss, metrics)                      (the update)
     The last two are the one scoring function, the readable and the fused path side by side."""
@@ -402,10 +407,8 @@ class Policy(torch.nn.Module):
         self.fused = fused
 
     def forward(self, inputs, L=None, loss=None, sampler=None):
-        if sampler is not None:  # synced_gpus: a rank whose responses ended steps on with the rest
-            return self.model.generate(**inputs, generation_config=sampler,
-                                       synced_gpus=infra.distributed(),
-                                       stopping_criteria=infra.stop_criteria())  # a stop: end now
+        if sampler is not None:  # whole weights, no collective: ranks decode at their own pace
+            return sampler(self.model)
         h = self.model.model(**inputs, use_cache=False).last_hidden_state             # (R, L+T, H)
         h, targets = h[:, L - 1:-1], inputs["input_ids"][:, L:]  # position t scores token t+1
         W = self.model.get_output_embeddings().weight                                 # (V, H)
@@ -580,28 +583,27 @@ def update(policy, opt, sched, groups, args, device, pad_id, world):
 @torch.no_grad()
 def evaluate(policy, tok, processor, examples, args, device, is_vlm, rank, world):
     examples = examples[: args.eval_max_prompts or None]
-    mine, k, rb, stats = examples[rank::world], args.eval_samples, args.rollout_batch_prompts, {}
+    mine, k, stats = examples[rank::world], args.eval_samples, {}
+    w, mine = (1.0, mine) if mine else (0.0, examples[:1])  # none here: a stand-in, weight 0
     devices = [device] if device.type == "cuda" else []
     # seed 10_000 + ...: its own stream, and the training stream is left as it was
     with torch.random.fork_rng(devices=devices), infra.gathered(policy):
         torch.manual_seed(10_000 + args.seed + rank)
-        for exs in infra.in_step([mine[i:i + rb] for i in range(0, len(mine), rb)]):
-            # as many generate calls on every rank: dummy work decodes examples[0] with weight 0
-            w, exs = (1.0, exs) if exs else (0.0, examples[:1])
-            encs = [encode_prompt(processor, ex, is_vlm) for ex in exs]
-            sampled = generate(policy, tok, encs, k, args, device)
-            greedy = generate(policy, tok, encs, 1, args, device, greedy=True)
-            for p, ex in enumerate(exs):
-                score = lambda s: reward_fn(tok.decode(s, skip_special_tokens=True), ex["answer"])
-                mine_k = sampled[p * k:(p + 1) * k]                    # K responses to problem p
-                (acc, fmt), scores = score(greedy[p]), [score(s) for s in mine_k]
-                for key, value in (("accuracy", sum(a for a, _ in scores) / k),   # mean@K: ours
-                                   ("pass@k", float(any(a == 1.0 for a, _ in scores))),
-                                   ("format", sum(f for _, f in scores) / k),
-                                   ("response_length", sum(len(s) for s in mine_k) / k),
-                                   ("greedy_accuracy", acc),     # the official protocol: n = 1
-                                   ("greedy_reward", acc + 0.1 * fmt)):  # what it logs
-                    infra.add(stats, "eval/" + key, value, w)
+        encs = [encode_prompt(processor, ex, is_vlm) for ex in mine]
+        stop = infra.STOP.requested  # a stop ends the evaluation early (it is then not logged)
+        sampled = generate(policy, tok, encs, k, args, interrupt=stop).responses  # budgeted calls
+        greedy = generate(policy, tok, encs, 1, args, greedy=True, interrupt=stop).responses
+    for p, ex in enumerate(mine):
+        score = lambda s: reward_fn(tok.decode(s, skip_special_tokens=True), ex["answer"])
+        mine_k = sampled[p * k:(p + 1) * k]                            # K responses to problem p
+        (acc, fmt), scores = score(greedy[p]), [score(s) for s in mine_k]
+        for key, value in (("accuracy", sum(a for a, _ in scores) / k),           # mean@K: ours
+                           ("pass@k", float(any(a == 1.0 for a, _ in scores))),
+                           ("format", sum(f for _, f in scores) / k),
+                           ("response_length", sum(len(s) for s in mine_k) / k),
+                           ("greedy_accuracy", acc),             # the official protocol: n = 1
+                           ("greedy_reward", acc + 0.1 * fmt)):  # what it logs
+            infra.add(stats, "eval/" + key, value, w)
     return infra.reduce_stats(stats)
 
 # -----------------------------------------------------------------------------
@@ -669,9 +671,9 @@ def main(argv=None):
             # eval mode: no dropout, and gradient checkpointing (a training-mode feature) stays off
             model.eval()
             with infra.gathered(policy):
-                groups = rollout(policy, tok, examples, encs, args, device)
+                groups, rollout_stats = rollout(policy, tok, examples, encs, args)
             t1 = time.time()
-            infra.STOP.check()
+            infra.STOP.check()  # an interrupted rollout returns early on its rank: all must agree
             old_logprobs(policy, groups, args, device, tok.pad_id)
         except infra.Abandon:  # save the state as it was when this step began: resume replays it
             path = infra.save_before(step, at_start, policy, processor, opt, sched, stream, out_dir)
@@ -684,6 +686,7 @@ def main(argv=None):
         t3 = time.time()
 
         metrics = infra.step_metrics(stats, groups)  # train/*: the on-policy rows' means
+        metrics.update(infra.rollout_metrics(rollout_stats, groups))  # perf/rollout_*, logprob gap
         n_tokens = infra.all_sum(sum(len(r.resp) for g in groups for r in g.all_rows()))
         metrics.update({"loss/ratio_first_dev": first_dev, "time/rollout": t1 - t0,
                         "time/logprob": t2 - t1, "time/update": t3 - t2, "time/step": t3 - t0,

@@ -50,7 +50,7 @@ def train(out, *more, steps=2):
     return calibrl.main(flags(out, *more, steps=steps))
 
 
-WALL_CLOCK = ("time/", "perf/", "train/reward_seconds")  # metrics that measure the machine, not the run
+WALL_CLOCK = ("time/", "perf/", "mem/", "train/reward_seconds")  # they measure the machine, not the run
 
 
 def run_metrics(d):
@@ -460,17 +460,26 @@ def test_sampling_ignores_the_model_folders_generation_config(tmp_path, demo):
         for m in (model, dirty[0]):
             torch.manual_seed(0)
             policy = calibrl.Policy(m, args.temperature, tok.suppress_ids, fused=False)
-            outs.append(calibrl.generate(policy, tok, encs, 1 if greedy else 4, args,
-                                         torch.device("cpu"), greedy))
-        assert [o.tolist() for o in outs[0]] == [o.tolist() for o in outs[1]], f"greedy={greedy}"
+            outs.append(calibrl.generate(policy, tok, encs, 1 if greedy else 4, args, greedy))
+        assert [o.tolist() for o in outs[0].responses] == [o.tolist() for o in outs[1].responses], \
+            f"greedy={greedy}"
+        assert all(torch.equal(a, b) for a, b in zip(outs[0].logprobs, outs[1].logprobs))
     # the processed scores of every sampled step are exactly logits / T, -inf only at the suppressed ids
     args.temperature = 0.7
-    batch, _ = calibrl.collate(encs, None, tok.pad_id, torch.device("cpu"))
-    torch.manual_seed(1)
-    out = dirty[0].generate(**batch, generation_config=calibrl.sampling_config(args, dirty[2], 2),
-                            return_dict_in_generate=True, output_scores=True, output_logits=True)
-    assert len(out.scores) > 1 and dirty[2].suppress_ids
-    for scores, logits in zip(out.scores, out.logits):
+    seen, process = [], infra.process_logits
+    def spy(logits, sp, suppress):
+        scores = process(logits, sp, suppress)
+        seen.append((logits.clone(), scores.clone()))
+        return scores
+    infra.process_logits = spy
+    try:
+        torch.manual_seed(1)
+        policy = calibrl.Policy(dirty[0], 0.7, dirty[2].suppress_ids, fused=False)
+        calibrl.generate(policy, dirty[2], encs, 2, args)
+    finally:
+        infra.process_logits = process
+    assert len(seen) > 1 and dirty[2].suppress_ids
+    for logits, scores in seen:
         want = logits / 0.7
         want[:, dirty[2].suppress_ids] = -math.inf
         assert torch.equal(scores, want)
@@ -539,9 +548,9 @@ def test_two_steps_each_algo(algo, tmp_path):
 # Distributed (torchrun, FSDP2 on gloo), resume and signals
 
 def test_torchrun_two_ranks_trains_and_checkpoints(tmp_path):
-    # 3 eval problems, 1 per generate call: rank 0 has 2 calls' worth, rank 1 one (they must not hang)
+    # 3 eval problems, 1 per sampled call (288 KV positions each): rank 0 runs 2 calls, rank 1 one
     out = torchrun(2, "calibrl.py", *flags(tmp_path, "--eval-every", "1", "--eval-max-prompts", "3",
-                                           "--rollout-batch-prompts", "1"))
+                                           "--rollout-max-tokens", "300"))
     assert "world 2" in out and "step 2/2" in out
     lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
     assert [l["step"] for l in lines if "train/reward" in l] == [1, 2]
@@ -789,6 +798,7 @@ FLAG_ERRORS = [  # (flags, the flag named in the message)
     (["--group-size", "0"], "--group-size 0"), (["--group-size", "-1"], "--group-size -1"),
     (["--prompts-per-step", "0"], "--prompts-per-step 0"), (["--micro-batch-size", "0"], "--micro-batch-size 0"),
     (["--mini-batch-prompts", "0"], "--mini-batch-prompts 0"), (["--ppo-epochs", "0"], "--ppo-epochs 0"),
+    (["--rollout-max-tokens", "0"], "--rollout-max-tokens 0"),
     (["--lr", "nan"], "--lr nan"), (["--lr", "inf"], "--lr inf"), (["--temperature", "0"], "--temperature 0.0"),
     (["--steps", "0"], "--steps 0"), (["--max-bad-steps", "0"], "--max-bad-steps 0"),
     (["--reward-timeout", "0"], "--reward-timeout 0.0"), (["--top-p", "0"], "--top-p 0.0"),
@@ -1498,3 +1508,323 @@ def test_eval_only_on_a_hand_written_jsonl(tmp_path):
     assert m["eval/greedy_accuracy"] <= m["eval/greedy_reward"] <= m["eval/greedy_accuracy"] + 0.1 + 1e-12
     assert 0 <= m["eval/accuracy"] <= 2 / 3 and m["eval/accuracy"] <= m["eval/pass@k"] <= 2 / 3
     assert m["eval/response_length"] > 0
+
+# -----------------------------------------------------------------------------
+# The rollout engine (infra.generate, issue 13): the tokens of transformers' generate, exactly the
+# sampler's distribution, prefill once, the budget, validation, interrupt and progress
+
+RG, RT = 4, 24  # samples per prompt, response budget: small, these run on 2 shared CPU cores
+
+
+def bench_rollout():
+    """data/bench_rollout.py, loaded by path: its today_generate is the rollout before issue 13
+    (transformers' generate on a left-padded batch, num_return_sequences = G), the reference."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_rollout",
+                                                  os.path.join(HERE, "data", "bench_rollout.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def mixed_prompts(proc, k=5, seed=0):
+    """k demo prompts with a filler context of 40-200 words in front (~150-600 tokens, so prompts
+    of different lengths share a call); prompt 1 loses its image (text only, in a VLM batch)."""
+    import random
+    exs = calibrl.load_examples(calibrl.DEMO_TRAIN, calibrl.parse_args([]), proc, proc.tokenizer,
+                                True, say=lambda *a: None)[:k]
+    words, rng = "the of a number square image count red blue add think answer cell grid".split(), \
+        random.Random(seed)
+    for i, ex in enumerate(exs):
+        filler = " ".join(rng.choice(words) for _ in range(rng.randint(40, 200)))
+        ex["messages"][0]["content"].insert(0, {"type": "text", "text": "Context: " + filler + "\n"})
+        if i == 1:
+            ex["messages"][0]["content"] = [p for p in ex["messages"][0]["content"] if p["type"] == "text"]
+            ex["images"] = []
+    return [calibrl.encode_prompt(proc, ex, True) for ex in exs]
+
+
+@pytest.fixture(scope="module")
+def mix(demo):
+    return mixed_prompts(demo[1])
+
+
+def sampler(tok, n=RG, greedy=False, T=RT, **kw):
+    return infra.Sampling(n, T, greedy=greedy, stop_ids=tok.stop_ids, suppress_ids=tok.suppress_ids,
+                          **kw)
+
+
+def lengths(encs):
+    return [e["input_ids"].shape[1] for e in encs]
+
+
+def engine(model, tok, encs, sp, budget=10**6, seed=0, **kw):
+    if seed is not None:
+        torch.manual_seed(seed)
+    calls = infra.plan_calls(lengths(encs), sp.n, sp.max_new_tokens, budget)
+    return infra.generate(model, encs, sp, calls, pad_id=tok.pad_id, **{"progress": None, **kw})
+
+
+def n_same(a, b):
+    assert len(a) == len(b)
+    return sum(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_rollout_greedy_matches_generate(demo, mix):
+    """Greedy: the tokens of transformers' generate, in one call or in calls of 2 prompts, and
+    through calibrl.generate (Policy's forward, the budget from the flags)."""
+    model, _, tok, _ = demo
+    sp = sampler(tok, n=1, greedy=True)
+    ref = bench_rollout().today_generate(model, mix, sp, tok.pad_id, len(mix), "cpu")
+    assert len({len(r) for r in ref}) > 1  # responses end at different steps
+    two = infra.call_tokens(max(lengths(mix)), 1, RT, 2)
+    for budget in (10**6, two):
+        out = engine(model, tok, mix, sp, budget)
+        assert n_same(ref, out.responses) == len(ref), f"budget {budget}"
+        assert out.stats["perf/rollout_calls"] == (1 if budget > two else 3)
+    args = calibrl.parse_args(["--max-response-length", str(RT), "--rollout-max-tokens", str(two)])
+    policy = calibrl.Policy(model, args.temperature, tok.suppress_ids, fused=False)
+    assert n_same(ref, calibrl.generate(policy, tok, mix, 1, args, greedy=True).responses) == len(ref)
+
+
+def test_rollout_sampled_matches_generate_same_seed(demo, mix):
+    """Sampled, in one call without compaction (the random stream's order kept: one multinomial
+    over B*G rows per step, prompt-major): the same tokens as generate for the same seed. float64,
+    where the fp32 probabilities of both paths are bitwise equal (fp32 logits differ in the last
+    bits, another attention layout, which can move a draw across a bucket edge)."""
+    model, _, tok, _ = calibrl.load_model(calibrl.DEMO_MODEL, torch.float64, "cpu")
+    sp = sampler(tok)
+    torch.manual_seed(3)
+    ref = bench_rollout().today_generate(model, mix, sp, tok.pad_id, len(mix), "cpu")
+    out = engine(model, tok, mix, sp, seed=3, compact=False)
+    assert n_same(ref, out.responses) == len(ref)
+    assert len({len(r) for r in ref}) > 1
+
+
+def test_rollout_distribution_is_softmax_logits_over_T(demo, mix, monkeypatch):
+    """With compaction and calls of 3 prompts the draws differ from generate's, so check the
+    distribution itself: every sampled step's processed scores are the raw logits / T, -inf exactly
+    at the suppressed ids; and each token's sampler log-prob equals pi_old's (calibrl's scoring
+    path, teacher-forced), which a wrong position, mask or cache row after compaction would break."""
+    model, _, tok, _ = demo
+    sp = sampler(tok, T=40, temperature=0.7)
+    seen, process, moves, keep_rows = [], infra.process_logits, [], infra.StaticKV.keep_rows
+    def spy(logits, sp_, suppress):
+        scores = process(logits, sp_, suppress)
+        seen.append((logits.clone(), scores.clone()))
+        return scores
+    def moved(kv, keep):
+        moves.append(keep != list(range(len(keep))))
+        return keep_rows(kv, keep)
+    monkeypatch.setattr(infra, "process_logits", spy)
+    monkeypatch.setattr(infra.StaticKV, "keep_rows", moved)
+    out = engine(model, tok, mix, sp, infra.call_tokens(max(lengths(mix)), RG, 40, 3), seed=4)
+    assert out.stats["perf/rollout_calls"] == 2 and any(moves)  # a finished prompt left the cache
+    assert out.stats["rollout/decode_rows"] < out.stats["rollout/decode_rows_dense"]  # compacted
+    sup = torch.zeros(seen[0][0].shape[-1], dtype=torch.bool)
+    sup[tok.suppress_ids] = True
+    for logits, scores in seen:
+        assert torch.isinf(scores[:, sup]).all() and (scores[:, sup] < 0).all()
+        assert torch.equal(scores[:, ~sup], logits.float()[:, ~sup] / 0.7)
+    policy = calibrl.Policy(model, 0.7, tok.suppress_ids, fused=False)
+    encs = [e for e in mix for _ in range(RG)]
+    inputs, L = calibrl.collate(encs, out.responses, tok.pad_id, "cpu")
+    with torch.no_grad():
+        old_logp, _ = policy(inputs, L)                                          # (R, T)
+    gap = max((old_logp[i, :len(lp)] - lp).abs().max().item() for i, lp in enumerate(out.logprobs))
+    assert gap < 1e-4, f"max |sampler log-prob - pi_old log-prob| = {gap:.2e}"
+
+
+def test_rollout_prefill_once_equals_per_sample_prefill(demo, mix):
+    """One prefill per prompt (right-padded prompts, images encoded once; one prompt per forward or
+    all at once) writes the keys and values, and gives the next-token logits, of the per-sample
+    prefill generate does (the prompt repeated G times)."""
+    model, _, tok, _ = demo
+    m = infra.RolloutModel(model)
+    call = infra.plan_calls(lengths(mix[:3]), RG, RT, 10**6)[0]
+    runs = []
+    for per_forward in (call.P, 10**6):
+        kv = infra.StaticKV(call.tokens)
+        kv.start_call(len(call.prompts), call.tokens // len(call.prompts))
+        with torch.no_grad(), infra.rollout_attention_on(model):
+            logits, n_tok, _, _ = infra.prefill(m, mix, call, kv, tok.pad_id, per_forward)
+        runs.append((kv, logits))
+    (kv, logits), (_, logits2) = runs
+    close(logits, logits2, 2e-5, "one prompt per forward vs all at once")
+    for b, p in enumerate(call.prompts):
+        n = int(n_tok[b])
+        each = {k: v.repeat(RG, *[1] * (v.dim() - 1)) for k, v in mix[p].items()}  # G rows
+        with torch.no_grad():
+            ref = model(**each, use_cache=True)
+        close(ref.logits[:, -1], logits[b].expand(RG, -1), 2e-5, f"prompt {p} logits")
+        cache = getattr(ref, "cache", None) or ref.past_key_values
+        for layer in range(len(cache.layers)):
+            K, V = kv.layer(layer)
+            close(cache.layers[layer].keys, K[b, :, :n].expand(RG, -1, -1, -1), 2e-5, f"K {layer}")
+            close(cache.layers[layer].values, V[b, :, :n].expand(RG, -1, -1, -1), 2e-5, f"V {layer}")
+
+
+def test_rollout_plan_arithmetic():
+    """No call over the budget, every prompt in exactly one call, longest prompts first, and a call
+    closed only when the next prompt would not fit; a prompt too long on its own is named."""
+    import random
+    rng = random.Random(0)
+    for _ in range(300):
+        n, T = rng.choice([1, 4, 10]), rng.choice([1, 16, 512])
+        lens = [rng.randint(1, 3000) for _ in range(rng.randint(0, 40))]
+        budget = infra.call_tokens(max(lens, default=1), n, T) * rng.choice([1, 2, 5, 50]) \
+            + rng.randint(0, 999)
+        calls = infra.plan_calls(lens, n, T, budget)
+        assert sorted(i for c in calls for i in c.prompts) == list(range(len(lens)))
+        for c in calls:
+            assert c.P == max(lens[i] for i in c.prompts) and c.prompts == sorted(c.prompts)
+            assert c.tokens == infra.call_tokens(c.P, n, T, len(c.prompts)) <= budget
+            assert c.tokens // len(c.prompts) % infra.ALIGN == 0
+        for a, b in zip(calls, calls[1:]):
+            assert min(lens[i] for i in a.prompts) >= max(lens[i] for i in b.prompts)
+            assert infra.call_tokens(a.P, n, T, len(a.prompts) + 1) > budget
+    n, T, budget = 8, 64, 4096
+    longest = infra.max_prompt_length(n, T, budget)
+    assert infra.call_tokens(longest, n, T) <= budget < infra.call_tokens(longest + 1, n, T)
+    assert [i for i, _ in infra.too_long([100, longest, longest + 1, 5000], n, T, budget)] == [2, 3]
+    with pytest.raises(ValueError, match="prompt 2"):
+        infra.plan_calls([100, longest, longest + 1], n, T, budget)
+
+
+def test_rollout_every_rank_runs_the_same_synced_calls(demo, mix):
+    """Ranks plan their own prompts (other counts, other lengths); with n_calls (the max over
+    ranks) a rank with fewer calls runs dummies without a forward, so every rank meets all_sum
+    equally often (1 + n_calls), and the progress counts all ranks."""
+    model, _, tok, _ = demo
+    sp = sampler(tok, n=2)
+    budget = infra.call_tokens(max(lengths(mix)), 2, RT, 1)  # one prompt per call
+    shards = [mix[0::3], mix[1::3], []]                       # 3 "ranks": 2, 2 and 0 prompts
+    plans = [infra.plan_calls(lengths(s), 2, RT, budget) for s in shards]
+    assert [len(p) for p in plans] == [2, 2, 0]
+    for shard, plan in zip(shards, plans):
+        sums, seen = [], []
+        def all_sum(x):
+            sums.append(x)
+            return x * 3  # as if the 3 ranks held the same
+        out = infra.generate(model, shard, sp, plan, pad_id=tok.pad_id, n_calls=2, all_sum=all_sum,
+                             progress=seen.append, progress_every=0)
+        assert len(sums) == 3 and len(out.responses) == 2 * len(shard)
+        assert all(s["prompts_total"] == 3 * len(shard) for s in seen)
+        assert out.stats["perf/rollout_calls"] == len(plan)
+
+
+def test_rollout_too_long_prompt_is_reported_at_validation(tmp_path, capsys):
+    """A prompt that cannot fit a call on its own under --rollout-max-tokens stops the run before
+    step 1, named by row; validation rows are sized with --eval-samples, training rows with G."""
+    rows = demo_rows(3)
+    rows[1]["prompt"] = "<image>" + "count the squares " * 60 + rows[1]["prompt"].replace("<image>", "")
+    data = write_jsonl(tmp_path / "t.jsonl", rows)
+    # G = 4 samples of 48 tokens: the 89-token prompts need 288 positions, row 2 more than 400
+    argv = flags(tmp_path / "o", "--data", data, "--rollout-max-tokens", "400", steps=1)
+    with pytest.raises(SystemExit, match=r"row 2, field 'prompt': \d+ tokens need \d+ KV positions "
+                                         r"with 4 samples .* > --rollout-max-tokens 400"):
+        calibrl.main(argv)
+    assert not os.path.exists(tmp_path / "o" / "metrics.jsonl") or not run_metrics(tmp_path / "o")
+    args = calibrl.parse_args(["--rollout-max-tokens", "200", "--eval-samples", "1"])
+    _, proc, tok, is_vlm = calibrl.load_model(calibrl.DEMO_MODEL, torch.float32, "cpu")
+    ok = calibrl.load_examples(write_jsonl(tmp_path / "v.jsonl", demo_rows(2)), args, proc, tok,
+                               is_vlm, train=False)      # 1 sample: 89 + 48 -> 144 positions
+    assert len(ok) == 2
+
+
+def test_rollout_interrupt_ends_it_early(demo, mix):
+    """interrupt() is checked once per decode step: it stops the call where it stands, no later
+    call runs, and the Rollout says so."""
+    model, _, tok, _ = demo
+    sp = sampler(tok, T=40)
+    checks = []
+    def interrupt():
+        checks.append(1)
+        return len(checks) > 5
+    budget = infra.call_tokens(max(lengths(mix)), RG, 40, 2)
+    out = engine(model, tok, mix, sp, budget, interrupt=interrupt)
+    assert out.interrupted and len(checks) == 6
+    calls = infra.plan_calls(lengths(mix), RG, 40, budget)
+    first = [p * RG + g for p in calls[0].prompts for g in range(RG)]
+    assert all(0 < len(out.responses[i]) <= 5 for i in first)             # tokens 0..4, then cut
+    assert all(len(r) == 0 for i, r in enumerate(out.responses) if i not in first)  # never ran
+    assert not engine(model, tok, mix, sp, budget, interrupt=lambda: False).interrupted
+
+
+def test_rollout_progress_is_rare_and_rank_0s(demo, mix, capsys):
+    """Progress comes at most every progress_every seconds, never in a short rollout; the default
+    prints one line on rank 0."""
+    model, _, tok, _ = demo
+    seen = []
+    engine(model, tok, mix, sampler(tok), progress=seen.append, progress_every=0)
+    assert seen and seen[-1]["prompts_total"] == len(mix)
+    assert [s["tokens"] for s in seen] == sorted(s["tokens"] for s in seen)
+    assert all(set(s) == {"prompts", "prompts_total", "tokens", "seconds", "tokens_per_sec"} for s in seen)
+    quiet = []
+    engine(model, tok, mix, sampler(tok), progress=quiet.append)  # default: every 10 s
+    assert not quiet
+    infra.show_progress(seen[-1])
+    assert "rollout (rank 0)" in capsys.readouterr().out
+
+
+def test_rollout_static_step_matches_eager(demo, mix):
+    """The fixed-shape decode step a CUDA graph captures (all G slots, all S columns, the mask
+    updated in place), run eagerly on the CPU, samples what the eager step samples."""
+    model, _, tok, _ = demo
+    sp = sampler(tok)
+    a = engine(model, tok, mix, sp, seed=5, compact=False)
+    b = engine(model, tok, mix, sp, seed=5, static=True)
+    assert n_same(a.responses, b.responses) >= len(a.responses) - 2  # fp32: a draw may move
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+def test_rollout_cuda_graph_matches_eager():
+    import warnings
+    model, proc, tok, _ = calibrl.load_model(calibrl.DEMO_MODEL, torch.float32, "cuda")
+    encs, greedy = mixed_prompts(proc, 4), sampler(tok, n=1, greedy=True)
+    ref = engine(model, tok, encs, greedy)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert n_same(ref.responses, engine(model, tok, encs, greedy, cuda_graph=True).responses) \
+            == len(ref.responses)
+        a = engine(model, tok, encs, sampler(tok), seed=2, compact=False)
+        b = engine(model, tok, encs, sampler(tok), seed=2, cuda_graph=True)
+    assert not [w for w in caught if "rollout engine" in str(w.message)], [str(w.message) for w in caught]
+    assert n_same(a.responses, b.responses) >= len(a.responses) - 2
+
+
+def test_rollout_text_only_lm_greedy_matches_generate():
+    """1-D RoPE, no vision tower: the tokens of transformers' generate."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2)).eval()
+    encs = [{"input_ids": torch.randint(20, 300, (1, n)), "attention_mask": torch.ones(1, n, dtype=torch.long)}
+            for n in (7, 30, 18)]
+    sp = infra.Sampling(1, RT, greedy=True, stop_ids=(3,))
+    ref = bench_rollout().today_generate(model, encs, sp, 0, 3, "cpu")
+    assert n_same(ref, engine(model, type("Tok", (), {"pad_id": 0}), encs, sp).responses) == 3
+
+
+def test_rollout_metrics_every_step(tmp_path):
+    """Every step logs the rollout's speed, memory, calls, largest call (within the budget) and the
+    sampler-vs-pi_old gap (~1e-7: both are softmax(logits / T) over the same ids)."""
+    # 4 prompts of 89 tokens, G = 4, 48 tokens: 288 positions each, so 600 holds 2 prompts a call
+    out = train(tmp_path, "--rollout-max-tokens", "600", steps=1)
+    m = run_metrics(out)[1]
+    assert m["perf/rollout_calls"] == 2 and m["perf/rollout_max_call_tokens"] == 576
+    assert m["perf/rollout_tokens_per_sec"] > 0 and m["mem/rollout_peak_gb"] > 0
+    assert m["rollout/logprob_gap"] < 1e-4, m["rollout/logprob_gap"]
+
+
+def test_rollout_in_training_mode_with_gradient_checkpointing(demo, mix):
+    """Evaluation runs after the update, with the model in training mode, and the paper preset
+    checkpoints gradients; transformers 5.17 then drops every layer's cache. The engine decodes
+    in eval mode and gives the model back in the mode it came in."""
+    model, _, tok, _ = calibrl.load_model(calibrl.DEMO_MODEL, torch.float32, "cpu")
+    sp = sampler(tok, n=1, greedy=True)
+    ref = engine(model.eval(), tok, mix, sp)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    out = engine(model.train(), tok, mix, sp)
+    assert model.training and n_same(ref.responses, out.responses) == len(mix)

@@ -8,6 +8,8 @@
 #   01 the GPU-only tests                   N = 32,768 and 6,144: time / floor, memory, f64 check
 #   02 full-vocabulary bf16 vs float64   04 2 training steps at the 3B shape: --preset paper, bf16,
 #                                           FSDP2, the fused op, CUDA memory capped at 80 GB
+#   05 the rollout at the 3B shape: transformers' generate (before issue 13) against the engine,
+#      eager and with a CUDA graph: tokens/s, peak memory (80 GB cap), identical tokens
 # A step that fails or times out is reported and the next one runs. Later checks add steps here.
 set -u
 cd "$(dirname "$0")/.."
@@ -36,12 +38,14 @@ for d in (\"liger-kernel\", \"flash-attn\", \"kernels\", \"math-verify\"):
         print(d, \"not installed\")"'
 step 01_gpu_tests 75 python -m pytest -q -x -p no:cacheprovider test_calibrl.py -k "logprobs or policy_loss \
     or group_advantages or grid_order or readable_one or uniform_group or samplers_distribution \
-    or fused_training_step"
+    or fused_training_step or rollout_cuda_graph"
 step 02_full_vocab 45 python kernels/sweep.py check          # N 2048 x V 151,936, bf16 vs float64
-step 03_bench_head 120 python kernels/bench.py --n 32768 6144 --h 2048 --v 151936 --dtype bfloat16
+step 03_bench_head 100 python kernels/bench.py --n 32768 6144 --h 2048 --v 151936 --dtype bfloat16
 step 04_train_3b 150 bash -c 'python data/make_demo.py --random-3b /tmp/qwen2.5-vl-3b-random &&
     torchrun --standalone --nproc_per_node=1 .ci/gpu_train.py --preset paper --model /tmp/qwen2.5-vl-3b-random \
       --data data/demo/train.jsonl --eval-data data/demo/val.jsonl --eval-max-prompts 16 --eval-every 2 \
       --steps 2 --prompts-per-step 16 --mini-batch-prompts 8 --max-response-length 256 --fused on \
       --dtype bfloat16 --output-dir /tmp/gpu-check-run --overwrite'
+step 05_bench_rollout 120 python data/bench_rollout.py --gpu-3b \
+    --only "today;engine, 1 call;engine, 1 call, CUDA graph"
 # With time left over: python kernels/sweep.py compile && python kernels/sweep.py sweep  (~4 min)
