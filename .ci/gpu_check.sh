@@ -3,10 +3,13 @@
 #
 #     bash .ci/gpu_check.sh            # each step's full output in $OUT (default /tmp/gpu-check)
 #
-# Steps, most informative first, each with its own timeout (they add up to under 10 minutes):
+# Steps, most informative first, each with its own timeout (they add up to 12 minutes; a full run
+# is expected well inside that, but no GPU has run it yet: trim the timeouts once one has):
 #   00 environment and versions          03 the fused op at the Qwen2.5-VL-3B head shape, bf16
 #   01 the GPU-only tests                04 2 training steps at the 3B shape: --preset paper, bf16,
 #   02 full-vocabulary bf16 vs float64      FSDP2, the fused op, CUDA memory capped at 80 GB
+#   05 packed vs padded pi_old pass and update at the 3B shape (data/bench_packing.py): positions,
+#      time, peak memory, and the update's memory for two budgets x two longest rows, capped at 80 GB
 # A step that fails or times out is reported and the next one runs. Later checks add steps here.
 set -u
 cd "$(dirname "$0")/.."
@@ -43,3 +46,8 @@ step 04_train_3b 240 bash -c 'python data/make_demo.py --random-3b /tmp/qwen2.5-
       --data data/demo/train.jsonl --eval-data data/demo/val.jsonl --eval-max-prompts 16 --eval-every 2 \
       --steps 2 --prompts-per-step 16 --mini-batch-prompts 8 --max-response-length 256 --fused on \
       --dtype bfloat16 --output-dir /tmp/gpu-check-run --overwrite'
+step 05_bench_packing 150 bash -c '{ test -d /tmp/qwen2.5-vl-3b-random ||
+      python data/make_demo.py --random-3b /tmp/qwen2.5-vl-3b-random; } &&
+    python data/bench_packing.py --model /tmp/qwen2.5-vl-3b-random --device cuda --dtype bfloat16 --fused \
+      --gradient-checkpointing --prompts 8 --image-size 448 --resp-mean 600 --resp-cap 4096 \
+      --max-tokens 32768 --micro-batch-size 8 --memory-cap-gb 80'
