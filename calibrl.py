@@ -18,7 +18,8 @@ Run it:
 
 Shapes in the comments: P prompts of a step on this rank, G on-policy rollouts per prompt,
 R rows of a micro-batch (on-policy and expert), L prompt length (left-padded), T response length
-(right-padded), H hidden size, V vocabulary size, K sampled responses per eval problem.
+(right-padded), H hidden size, V vocabulary size, K sampled responses per eval problem, N the
+response tokens of a packed micro-batch (--pack on: rows end to end, no padding; infra.py).
 Alignment: the logits at sequence position t predict token t+1, so the response tokens at positions
 [L, L+T) are scored by the hidden states at positions [L-1, L+T-1).
 
