@@ -1457,6 +1457,31 @@ def test_shared_vision_forward_equals_per_row(tiny64, float64_throughout):
     assert (n, n2) == (4, sum(infra.num_images(g.enc) for _, g in rows))
 
 
+def test_packed_rows_without_images_still_run_the_vision_tower_under_torchrun(tiny64, monkeypatch):
+    """Under torchrun a packed micro-batch without images runs the vision tower on a blank image, times 0
+    (FSDP's gathers of the vision unit must pair up with ranks whose micro-batch has images): the
+    log-probs and gradients are unchanged, the vision parameters get gradients of exactly 0."""
+    model, processor, tok = tiny64
+    group = pack_groups(processor)[3]                                     # the prompt without images
+    policy = calibrl.Policy(model, 1.0, tok.suppress_ids, fused=False)
+    pack = infra.pack_rows(model, [group.enc] * 4, [r.resp for r in group.all_rows()])
+    assert pack.pixel_values is None
+    out = {}
+    for ranks in (False, True):
+        monkeypatch.setattr(infra, "distributed", lambda: ranks)
+        logp, _ = policy(pack)
+        logp.sum().backward()
+        out[ranks] = logp.detach(), GrabGrads(model)
+        out[ranks][1].step()
+        model.zero_grad(set_to_none=True)
+    vision = [n for n in out[True][1].grads[0] if n.startswith("model.visual")]
+    assert vision and not any(n.startswith("model.visual") for n in out[False][1].grads[0])
+    assert all(out[True][1].grads[0][n].abs().max() == 0 for n in vision)
+    close(out[True][0], out[False][0], 0.0, "log-probs")
+    for n, g in out[False][1].grads[0].items():
+        close(out[True][1].grads[0][n], g, 0.0, f"gradient {n}")
+
+
 def test_packed_attention_leaves_generate_and_the_padded_forward_unchanged(tiny64):
     """load_model makes the decoder's attention packed_sdpa: without packed rows it is plain SDPA, so
     sampling (left-padded prompts, the cache) and the padded forward are bit for bit what they were."""
