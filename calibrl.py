@@ -18,7 +18,8 @@ Run it:
 
 Shapes in the comments: P prompts of a step on this rank, G on-policy rollouts per prompt,
 R rows of a micro-batch (on-policy and expert), L prompt length (left-padded), T response length
-(right-padded), H hidden size, V vocabulary size, K sampled responses per eval problem.
+(right-padded), H hidden size, V vocabulary size, K sampled responses per eval problem, N the
+response tokens of a packed micro-batch (--pack on: rows end to end, no padding; infra.py).
 Alignment: the logits at sequence position t predict token t+1, so the response tokens at positions
 [L, L+T) are scored by the hidden states at positions [L-1, L+T-1).
 
@@ -89,7 +90,10 @@ class Args:
     group_size: int = arg(8, "G: on-policy rollouts per prompt")
     prompts_per_step: int = arg(16, "prompts per training step, over all ranks")
     mini_batch_prompts: int = arg(16, "prompts (whole groups) per optimizer step, over all ranks")
-    micro_batch_size: int = arg(64, "rows per forward/backward (gradient accumulation)")
+    micro_batch_size: int = arg(64, "--pack off: rows per forward (gradient accumulation)")
+    pack: str = arg("on", "pi_old pass and update: rows packed end to end, no padding, a "
+                    "prompt's images encoded once (off: padded, the readable path)", ["on", "off"])
+    max_tokens_per_micro_batch: int = arg(8192, "--pack on: tokens (prompt + response) per forward")
     rollout_max_tokens: int = arg(65536, "KV positions per rollout call: prompt + G responses each")
     rollout_cuda_graph: bool = arg(False, "decode with a CUDA graph (not yet measured on a GPU)")
     ppo_epochs: int = arg(1, "passes over the step's rollouts")
@@ -128,7 +132,9 @@ PRESETS = {
                   rollout_max_tokens=2**20, lr=1e-6, weight_decay=0.01, max_grad_norm=1.0,
                   temperature=1.0, top_p=1.0, max_prompt_length=20480, max_response_length=4096,
                   clip_low=0.2, clip_high=0.2, clip_c=3.0, alpha=0.5, lam=0.1, steps=None,
-                  shuffle=False, save_every=10, eval_every=5, gradient_checkpointing=True),
+                  shuffle=False, save_every=10, eval_every=5, gradient_checkpointing=True,
+                  # >= 20,480 + 4,096, the longest row; ~30 GB a 3B update on 8 GPUs (README)
+                  max_tokens_per_micro_batch=32768),
     # Sized for 2 CPU cores and the tiny model (the dataclass defaults are this preset).
     "demo": {},
 }
@@ -169,6 +175,7 @@ def load_model(path, dtype, device):
         is_vlm = hasattr(config, "vision_config")
         cls = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
         model = cls.from_pretrained(path, dtype=dtype).to(device)
+        infra.enable_packed_attention(model)  # SDPA that also takes packed rows (--pack on)
         processor = infra.load_processor(path, config)
     except (OSError, ValueError, KeyError, SafetensorError) as e:  # no folder or hub, a bad file
         raise SystemExit(f"error: model {path}: cannot be loaded "
@@ -400,7 +407,8 @@ class Policy(torch.nn.Module):
       policy(None, sampler=fn)            -> fn(model): infra.generate's samples  (the rollout)
       policy(inputs, L)                   -> log pi, entropy (R, T) of responses  (pi_old, l^E)
       policy(inputs, L, loss=Eq. C args)  -> (loss, metrics)                      (the update)
-    The last two are the one scoring function, the readable and the fused path side by side."""
+    The last two are the one scoring function, the readable and the fused path side by side; they
+    also take an infra.Pack instead of (inputs, L): the same rows packed, the same results."""
     def __init__(self, model, temperature, suppress_ids, fused):
         super().__init__()
         self.model, self.temperature, self.suppress_ids = model, temperature, suppress_ids
@@ -409,29 +417,57 @@ class Policy(torch.nn.Module):
     def forward(self, inputs, L=None, loss=None, sampler=None):
         if sampler is not None:  # whole weights, no collective: ranks decode at their own pace
             return sampler(self.model)
-        h = self.model.model(**inputs, use_cache=False).last_hidden_state             # (R, L+T, H)
-        h, targets = h[:, L - 1:-1], inputs["input_ids"][:, L:]  # position t scores token t+1
+        packed = isinstance(inputs, infra.Pack)
+        if packed:  # the response-scoring positions only, (N, H), (N,); pack.rows -> (R, T)
+            h, targets = infra.packed_hidden(self.model, inputs), inputs.targets
+            to_rows = inputs.rows
+        else:
+            h = self.model.model(**inputs, use_cache=False).last_hidden_state         # (R, L+T, H)
+            h, targets = h[:, L - 1:-1], inputs["input_ids"][:, L:]  # position t scores token t+1
+            to_rows = lambda x: x  # noqa: E731  (already (R, T))
         W = self.model.get_output_embeddings().weight                                 # (V, H)
         if self.fused:  # Triton: no (R, T, V) logits are ever held; Eq. C inside the kernel
             ops = infra.fused_ops()
             kw = dict(temperature=self.temperature, suppress_ids=self.suppress_ids)
+            if loss is not None and packed:  # the kernel's flat entry: the N tokens, no padding
+                return ops.fused_policy_loss_tokens(h, W, targets, **inputs.tokens(loss), **kw)
             if loss is not None:
                 return ops.fused_policy_loss(h, W, targets, **loss, **kw)
-            return ops.fused_logprobs(h, W, targets, **kw)
-        logp, entropy = token_logprobs(h @ W.T, targets, self.temperature, self.suppress_ids)
+            logp, entropy = ops.fused_logprobs(h, W, targets, **kw)
+        else:
+            logp, entropy = token_logprobs(h @ W.T, targets, self.temperature, self.suppress_ids)
+        logp, entropy = to_rows(logp), to_rows(entropy)                               # (R, T)
         return (logp, entropy) if loss is None else policy_loss(logp, **loss)
+
+def micro_batches(rows, stand_in, args, model, pad_id, device):
+    """The one chooser of micro-batches for the pi_old pass and the update: (Row, Group) pairs ->
+    per forward (its pairs, weight, the policy's inputs). --pack on: at most
+    --max-tokens-per-micro-batch tokens (prompt + response) packed, a group's rows together unless
+    that costs a forward (infra.packed_micro_batches); off: --micro-batch-size padded rows. Every
+    rank runs as many forwards: dummy work scores `stand_in` with weight 0 (infra.in_step)."""
+    packed = args.pack == "on"
+    if packed:  # a row costs its prompt + response tokens; a group shares one vision forward
+        tokens = [g.enc["input_ids"].shape[1] + len(r.resp) for r, g in rows]
+        chunks = infra.packed_micro_batches(rows, tokens, [id(g) for _, g in rows],
+                                            args.max_tokens_per_micro_batch)
+    else:
+        chunks = infra.micro_batches(rows, args.micro_batch_size)
+    for chunk in chunks:
+        batch, w = (chunk, 1.0) if chunk else ([stand_in], 0.0)
+        encs, resps = [g.enc for _, g in batch], [r.resp for r, _ in batch]
+        infra.count_forward(encs, resps, packed, w)  # perf/pad_frac, perf/vision_encodes
+        yield batch, w, ((infra.pack_rows(model, encs, resps).to(device),) if packed
+                         else collate(encs, resps, pad_id, device))
 
 @torch.no_grad()
 def old_logprobs(policy, groups, args, device, pad_id):
     """The pi_old pass: log pi_old and the entropy of every row, on-policy and expert, in one
     no-grad pass at the rollout temperature before any weight moves."""
     rows = [(r, g) for g in groups for r in g.all_rows()]
-    for chunk in infra.micro_batches(rows, args.micro_batch_size):
+    for batch, w, inputs in micro_batches(rows, rows[0], args, policy.model, pad_id, device):
         infra.STOP.check()  # a stop request abandons the pass (Abandon): nothing has moved yet
-        batch = chunk or rows[:1]  # dummy work: score a stand-in row, keep nothing
-        inputs, L = collate([g.enc for _, g in batch], [r.resp for r, _ in batch], pad_id, device)
-        logp, entropy = policy(inputs, L)                                          # (R, T) each
-        for (r, _), lp, en in zip(chunk or [], logp.cpu(), entropy.cpu()):
+        logp, entropy = policy(*inputs)                                            # (R, T) each
+        for (r, _), lp, en in zip(batch if w else [], logp.cpu(), entropy.cpu()):  # dummy: none
             r.old_logp, r.entropy = lp[:len(r.resp)], en[:len(r.resp)]
 
 # -----------------------------------------------------------------------------
@@ -544,9 +580,9 @@ def update(policy, opt, sched, groups, args, device, pad_id, world):
             # departure 2: the token-mean is over the whole mini-batch, all ranks
             num_tokens = max(infra.all_sum(sum(len(r.resp) for r, _ in rows)), 1.0)
             live = [(r, g) for r, g in rows if r.adv != 0.0]  # departure 8: A = 0 adds exactly 0
-            for chunk in infra.micro_batches(live, args.micro_batch_size):
-                w = 1.0 if chunk else 0.0  # dummy work: a stand-in row, weight 0
-                batch = chunk or [(groups[0].rows[0], groups[0])]
+            stand_in = (groups[0].rows[0], groups[0])  # dummy work: weight 0
+            for batch, w, inputs in micro_batches(live, stand_in, args, policy.model, pad_id,
+                                                  device):
                 T = max(len(r.resp) for r, _ in batch)
                 per_row = lambda f: torch.tensor([f(r) for r, _ in batch], device=device)  # (R,)
                 loss_in = dict(  # Eq. C's inputs: (R, T) and (R,) tensors, then the coefficients
@@ -557,9 +593,7 @@ def update(policy, opt, sched, groups, args, device, pad_id, world):
                     expert_rows=per_row(lambda r: r.expert), algo=args.algo, clip_low=args.clip_low,
                     clip_high=args.clip_high, clip_c=args.clip_c, alpha=args.alpha, lam=args.lam,
                     num_tokens=num_tokens)
-                inputs, L = collate([g.enc for _, g in batch], [r.resp for r, _ in batch], pad_id,
-                                    device)
-                loss, m = policy(inputs, L, loss=loss_in)
+                loss, m = policy(*inputs, loss=loss_in)
                 # FSDP averages gradients over ranks, but the loss is already a global token-mean
                 (loss * w * world).backward()
                 n = m.pop("tokens").item() * w
@@ -661,6 +695,7 @@ def main(argv=None):
 
     VERIFY.timeout, VERIFY.budget = args.reward_timeout, args.reward_budget
     bad_streak, diverged = 0, False
+    infra.perf_metrics([], device)  # perf/* and mem/peak_gb count from here, step by step
     for step in range(start + 1, args.steps + 1):
         t0, failures, at_start = time.time(), VERIFY.failures, infra.step_start(stream)
         VERIFY.start_step()
@@ -692,7 +727,8 @@ def main(argv=None):
                         "time/logprob": t2 - t1, "time/update": t3 - t2, "time/step": t3 - t0,
                         "perf/tokens_per_sec": n_tokens / (t3 - t0),
                         "train/lr": sched.get_last_lr()[0], "train/reward_seconds": VERIFY.spent,
-                        "train/reward_failures": infra.all_sum(VERIFY.failures - failures)})
+                        "train/reward_failures": infra.all_sum(VERIFY.failures - failures),
+                        **infra.perf_metrics(encs, device)})  # perf/pad_frac, ..., mem/peak_gb
         logger.log(step, metrics)
         if first_dev > 1e-3:  # the self-check: pi_theta == pi_old before the first optimizer step
             say(f"warning: step {step}: |rho - 1| = {first_dev:.1e} at theta_old: paths differ?")

@@ -1,13 +1,14 @@
 """
-bench_rollout.py -- the rollout before issue 13 against the rollout engine (infra.generate, what
-calibrl.generate runs), on the same prompts and seed: tokens/s, peak memory, and whether the
+bench_rollout.py -- calibrl's former rollout against the rollout engine (infra.generate, what
+calibrl.generate runs now), on the same prompts and seed: tokens/s, peak memory, and whether the
 sampled tokens are identical.
 
-"today" is calibrl.generate before issue 13, kept here as today_generate so that the comparison
-outlives it: transformers' generate on left-padded batches of --rollout-batch-prompts prompts,
-num_return_sequences = G, the same sampler (softmax(logits / T), the vision ids suppressed).
+"today" is calibrl.generate as it was before the engine, kept here as today_generate so that the
+comparison outlives it: transformers' generate on left-padded batches of --rollout-batch-prompts
+prompts, num_return_sequences = G, the same sampler (softmax(logits / T), the vision ids
+suppressed).
 
-CPU, the issue's long-prompt mix (the tiny Qwen2.5-VL, 16 prompts of ~1,000 tokens with their
+CPU, a long-prompt mix (the tiny Qwen2.5-VL, 16 prompts of ~1,000 tokens with their
 image, G = 8, 64 new tokens), end-of-sequence honoured and ignored, two budgets:
     OMP_NUM_THREADS=1 python data/bench_rollout.py                        # ~4 minutes, 2 cores
 GPU: a randomly initialised model with Qwen2.5-VL-3B's configuration (no download: the config
@@ -90,7 +91,7 @@ def qwen25_vl_3b(smoke):
 
 
 def today_generate(model, encs, sp, pad_id, batch_prompts, device):
-    """The rollout before issue 13 (calibrl.generate with --rollout-batch-prompts): transformers'
+    """The rollout before the engine (calibrl.generate with --rollout-batch-prompts): transformers'
     generate on left-padded batches of batch_prompts prompts, num_return_sequences = sp.n, every
     sampling field set (nothing from generation_config.json). -> [len(encs) * n] responses, each
     cut after its first stop id."""
@@ -249,7 +250,7 @@ def main():
     a.repeats = a.repeats or (1 if a.gpu_3b and not a.smoke else 2)
     base = dict(gpu=a.gpu_3b, smoke=a.smoke, repeats=a.repeats, compact=True, cuda_graph=False,
                 batch_prompts=0, budget_prompts=0, ignore_eos=False)
-    if a.gpu_3b:  # today: --rollout-batch-prompts 16, the paper preset's before issue 13
+    if a.gpu_3b:  # today: --rollout-batch-prompts 16, the paper preset's before the rollout engine
         base.update(prompts=2 if a.smoke else 16, G=2 if a.smoke else 10, T=8 if a.smoke else 512,
                     ignore_eos=True)
         configs = {
