@@ -493,6 +493,9 @@ def group_advantages(rewards, group_size, std_normalize=False, eps=1e-6, expert_
         return adv
     return adv, ((expert_rewards.view(-1, 1) - mu) / scale).view(-1)
 
+# -----------------------------------------------------------------------------
+# Eq. B and mixup: each group's l^E, and whether its expert row joins the loss (LUFFY, RL-PLUS).
+
 def advantages(groups, args):
     """Eq. A for every group; Eq. B: l^E is the expert row's pi_old log-probs, shared by the group
     and aligned by response position; mixup decides whether the expert row joins the loss."""
