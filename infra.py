@@ -864,9 +864,9 @@ def resume(policy, opt, sched, stream, out_dir, logger, args, rank, say):
         return 0
     start = 0
     for step, path in reversed(checkpoints(out_dir)):
-        why = all_max(incomplete(path) is not None)  # every rank must agree on the one it takes
-        if why:
-            say(f"warning: skipping {path}: {incomplete(path) or 'incomplete on another rank'}")
+        why = incomplete(path)
+        if all_max(why is not None):  # every rank must agree on the one it takes
+            say(f"warning: skipping {path}: {why or 'incomplete on another rank'}")
             continue
         start = load_checkpoint(policy, opt, sched, stream, path, rank)
         say(f"resuming from {path} (step {start})")
@@ -1479,7 +1479,8 @@ class Rollout:
 
 
 def peak_memory_gb(device):
-    """CUDA allocator peak since the last reset, else the process's peak RSS (it only grows)."""
+    """The CUDA allocator's peak since the last reset (each rollout, each step's perf_metrics), else
+    this process's peak resident set size (which only grows; Linux reports KiB)."""
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     import resource
@@ -1615,7 +1616,7 @@ def rollout_metrics(stats, groups):
 #   pack_rows -> Pack                           a micro-batch -> packed ids, positions, indices
 #   enable_packed_attention / packed_sdpa       the decoder's attention, once, at load time
 #   packed_hidden                               one vision pass, one decoder pass -> (N, H)
-#   count_forward, perf_metrics, peak_memory_gb perf/pad_frac, perf/vision_encodes, mem/peak_gb
+#   count_forward, perf_metrics                 perf/pad_frac, perf/vision_encodes, mem/peak_gb
 # Shapes: R rows, row i = prompt (L_i) + response (T_i), S = sum_i (L_i + T_i) packed positions,
 # N = sum_i T_i response tokens, F image features of the micro-batch's distinct prompts, K image
 # tokens over all rows (K >= F when rows share a prompt). Row i starts at packed offset o_i; the
@@ -1903,15 +1904,6 @@ def count_forward(encs, responses, packed, weight=1.0):
     FORWARDS["positions"] += positions
     FORWARDS["padding"] += positions - (real if weight else 0)
     FORWARDS["images"] += images
-
-
-def peak_memory_gb(device):
-    """The CUDA allocator's peak on a GPU (reset by perf_metrics: per step), else this process's
-    peak resident set size (which only grows; Linux reports KiB)."""
-    import resource
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
 def perf_metrics(encs, device):
