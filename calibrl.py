@@ -174,7 +174,8 @@ def load_model(path, dtype, device):
         config = AutoConfig.from_pretrained(path)
         is_vlm = hasattr(config, "vision_config")
         cls = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
-        model = cls.from_pretrained(path, dtype=dtype).to(device)
+        # safetensors only (a pickled .bin could run code), and never a folder's own code
+        model = cls.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device)
         infra.enable_packed_attention(model)  # SDPA that also takes packed rows (--pack on)
         processor = infra.load_processor(path, config)
     except (OSError, ValueError, KeyError, SafetensorError) as e:  # no folder or hub, a bad file

@@ -727,7 +727,14 @@ def write_atomic(path, data):
 # size, written last) matches what is on disk; --resume takes the newest complete one.
 
 def rng_state():
-    return dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
+    """Every generator a step draws from, as tensors and plain data only (no numpy or Python
+    objects), so that rng-<rank>.pt loads with torch.load(weights_only=True): nothing in it can
+    run code when a checkpoint is resumed."""
+    version, mt, gauss = random.getstate()                      # (3, 625 ints, float | None)
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # MT19937: 624 uint32 keys
+    return dict(torch=torch.get_rng_state(), python=[version, list(mt), gauss],
+                numpy=dict(name=name, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
+                           has_gauss=int(has_gauss), cached=float(cached)),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
 
 
@@ -735,8 +742,72 @@ def set_rng_state(rng):
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
+    version, mt, gauss = rng["python"]
+    random.setstate((version, tuple(mt), gauss))
+    n = rng["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached"]))
+
+
+class _Refused(Exception):
+    """A checkpoint file that could run code when loaded."""
+
+
+def load_rng(path):
+    """rng-<rank>.pt -> the random state, loaded with weights_only=True: a file holding anything
+    but tensors and plain data (a pickle that would build objects or run code) is refused."""
+    import pickle
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        named = re.search(r"(?i)unsupported global:? (?:GLOBAL )?([\w.]+)", str(e))
+        raise _Refused(f"{path} holds pickled objects, not only tensors and plain data"
+                       + (f" (it names {named.group(1)})" if named else ""))
+
+
+def _dcp_global(module, name):
+    """The globals PyTorch's distributed-checkpoint metadata is built of, or None: the dataclasses
+    and enums of torch.distributed.checkpoint's metadata and filesystem modules, torch.Size, the
+    dtypes, layouts and memory formats, paths. Called with pickled arguments, none runs code."""
+    import dataclasses
+    import enum
+    import importlib
+    import pathlib
+    if module in ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem"):
+        c = getattr(importlib.import_module(module), name, None)
+        ok = isinstance(c, type) and (dataclasses.is_dataclass(c) or issubclass(c, enum.Enum))
+        return c if ok else None
+    if module == "torch":
+        x = getattr(torch, name, None)
+        return x if x is torch.Size or isinstance(x, (torch.dtype, torch.layout,
+                                                       torch.memory_format)) else None
+    plain = {("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+             ("pathlib", "PosixPath"): pathlib.PosixPath, ("pathlib", "Path"): pathlib.Path,
+             ("pathlib", "PurePosixPath"): pathlib.PurePosixPath,
+             ("collections", "OrderedDict"): __import__("collections").OrderedDict}
+    return plain.get((module, name))
+
+
+def check_dcp_metadata(path):
+    """torch.distributed.checkpoint reads state/.metadata with a plain pickle.load, which runs
+    whatever a crafted file names. Read it first with an unpickler that builds only what DCP's
+    metadata is made of (_dcp_global) and refuses any other global, so that a folder from
+    elsewhere cannot run code on --resume."""
+    import pickle
+
+    class Strict(pickle.Unpickler):
+        def find_class(self, module, name):
+            found = _dcp_global(module, name)
+            if found is None:
+                raise pickle.UnpicklingError(f"it names {module}.{name}, which DCP metadata "
+                                             "never holds")
+            return found
+    try:
+        with open(path, "rb") as f:
+            Strict(f).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as e:
+        raise _Refused(f"{path} is not plain DCP metadata ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:160]})")
 
 
 def _no_space(e):
@@ -847,13 +918,21 @@ def load_checkpoint(policy, opt, sched, stream, path, rank):
     if t.get("world", 1) != world_size():
         raise SystemExit(f"error: {path} was written by {t['world']} ranks; resume it with as many "
                          f"(this run has {world_size()}): each rank's random stream is its own")
+    try:  # the two pickles of a checkpoint, checked before anything loads them (README)
+        check_dcp_metadata(os.path.join(path, "state", ".metadata"))
+        rng, refused = load_rng(os.path.join(path, f"rng-{rank}.pt")), None
+    except _Refused as e:
+        refused = str(e)
+    if all_max(refused is not None):  # every rank stops, before any collective of the load
+        raise SystemExit(f"error: --resume refuses {path}: {refused or 'another rank refused it'}; "
+                         "loading it could run code. Resume only from folders calibrl wrote")
     model_sd, optim_sd = get_state_dict(policy, opt)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=os.path.join(path, "state"))
     set_state_dict(policy, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     stream.epoch, stream.pos = t["epoch"], t["pos"]
     sched.load_state_dict(t["sched"])
-    set_rng_state(torch.load(os.path.join(path, f"rng-{rank}.pt"), weights_only=False))
+    set_rng_state(rng)
     return t["step"]
 
 
@@ -878,7 +957,19 @@ def resume(policy, opt, sched, stream, out_dir, logger, args, rank, say):
 
 
 RUN_FILES = re.compile(r"metrics\.jsonl|checkpoint-\d+(\.tmp)?|events\.out\.tfevents\..*")
-_LOCKS = {}
+_LOCKS = {}  # abspath of a locked run folder -> the fd holding its flock
+
+
+def _drop_locks_in_child():
+    """A forked child (the answer checker's worker) shares the lock's open file: had it kept it,
+    the lock would outlive the run (a second in-process run on the folder refused). The child
+    closes its copies; the parent's lock stands."""
+    for fd in _LOCKS.values():
+        os.close(fd)
+    _LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_locks_in_child)
 
 
 def prepare_output_dir(args, rank):
