@@ -889,6 +889,35 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
         calibrl.main(["--eval-only", "--model", str(tmp_path / "base" / "checkpoint-2"), "--preset", "demo",
                       "--eval-data", calibrl.DEMO_VAL, "--output-dir", str(tmp_path / "e")])
 
+class RunsCode:
+    """Unpickling this creates a file: what a crafted checkpoint would do with a real payload."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+@pytest.mark.parametrize("victim", ["rng-0.pt", "state/.metadata"])
+def test_resume_refuses_a_checkpoint_whose_pickles_would_run_code(tmp_path, victim):
+    """--resume runs no code from a checkpoint folder: rng-<rank>.pt loads with weights_only=True
+    and DCP's state/.metadata is read first by an unpickler that builds only DCP's own classes. A
+    crafted file (its manifest entry made to match) stops the run with a clear error, unexecuted."""
+    import pickle
+    out = train(tmp_path / "run", steps=1)
+    ckpt, marker = tmp_path / "run" / "checkpoint-1", str(tmp_path / "code-ran")
+    payload = {"torch": RunsCode(marker)} if victim.endswith(".pt") else RunsCode(marker)
+    with open(ckpt / victim, "wb") as f:
+        (torch.save(payload, f) if victim.endswith(".pt") else pickle.dump(payload, f))
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest[victim] = os.path.getsize(ckpt / victim)  # a complete checkpoint, as far as sizes go
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    assert infra.incomplete(ckpt) is None
+    with pytest.raises(SystemExit, match=f"refuses .*checkpoint-1: .*{victim}.*(pickled objects|not plain "
+                                         "DCP metadata).*could run code"):
+        train(out, "--resume", steps=2)
+    assert not os.path.exists(marker)
+    assert sorted(run_metrics(out)) == [1]  # nothing was lost: the folder is as it was
+
 def test_two_runs_on_one_folder(tmp_path):
     """A second run on a folder in use stops at once with a clear message (the first holds a lock)."""
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
@@ -1426,7 +1455,7 @@ def test_fused_training_step_matches_the_readable_path(tmp_path):
     # on near-zero gradient elements flips whole lr-sized steps; the gradient norm above is the check)
 
 FAKE_HF_KERNELS = '''
-"""Stand-in for Hugging Face's `kernels` 0.18.x: the names transformers imports from it."""
+"""Stand-in for Hugging Face's `kernels`: the names transformers 5.17-5.24 import from it."""
 import contextlib, enum
 import triton  # noqa: F401  (like the real one: transformers then imports triton early)
 class Mode(enum.Flag):
@@ -1445,20 +1474,48 @@ def get_kernel(*args, **kwargs):
     raise OSError("stand-in: no hub")
 '''
 
-def test_an_installed_kernels_distribution_is_not_shadowed(tmp_path):
-    """transformers imports an installed `kernels` (versions 0.18.2 to 0.19) by name; calibrl's own
-    kernels/ folder must neither hide it nor be hidden by it, with the fused op on (interpreter)."""
+def kernels_for_transformers(tmp_path):
+    """-> (PYTHONPATH for a run, the `kernels` version it imports). transformers 5.25 and later
+    depend on Hugging Face's `kernels` distribution: then it is installed and used as it is. Earlier
+    releases import it only when present at a version they accept: then a stand-in is written, at
+    the lowest version the installed transformers accepts (read from transformers itself)."""
+    import importlib.metadata
+    from transformers.utils import import_utils
+    try:
+        return HERE, importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    want = import_utils.KERNELS_MIN_VERSION
     site = tmp_path / "site"
     (site / "kernels").mkdir(parents=True)
     (site / "kernels" / "__init__.py").write_text(FAKE_HF_KERNELS)
-    (site / "kernels-0.18.5.dist-info").mkdir()
-    (site / "kernels-0.18.5.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 0.18.5\n")
-    env = {**ENV, "PYTHONPATH": str(site)}
+    (site / f"kernels-{want}.dist-info").mkdir()
+    (site / f"kernels-{want}.dist-info" / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: kernels\nVersion: {want}\n")
+    return f"{site}{os.pathsep}{HERE}", want
+
+@pytest.mark.parametrize("fused", ["on", "off"])
+def test_an_installed_kernels_distribution_is_not_shadowed(tmp_path, fused):
+    """transformers imports Hugging Face's `kernels` by name; calibrl's own kernels/ folder (no
+    package, loaded by path) must neither hide it nor be hidden by it: `python calibrl.py` trains a
+    step with the distribution importable and accepted by transformers, the fused op on and off."""
+    path, version = kernels_for_transformers(tmp_path)
+    env = {**ENV, "PYTHONPATH": path}
     env.pop("TRITON_INTERPRET", None)  # calibrl.py itself must switch the interpreter on, early enough
-    p = subprocess.run([sys.executable, "calibrl.py", *flags(tmp_path / "o", "--fused", "on", steps=1)],
+    probe = ("import calibrl, importlib.metadata, kernels, transformers.utils.import_utils as u; "
+             "print(kernels.__file__, importlib.metadata.version('kernels'), u.is_kernels_available(), "
+             "calibrl.infra.fused_ops().__file__)")
+    p = subprocess.run([sys.executable, "-c", probe], cwd=HERE, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    where, seen, accepted, ours = p.stdout.split()
+    assert not where.startswith(os.path.join(HERE, "kernels")), f"calibrl's kernels/ shadows {where}"
+    assert seen == version and accepted == "True", p.stdout
+    assert ours == os.path.join(HERE, "kernels", "fused_calibrl.py")
+    p = subprocess.run([sys.executable, "calibrl.py", *flags(tmp_path / "o", "--fused", fused, steps=1)],
                        cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "fused True" in p.stdout and sorted(run_metrics(str(tmp_path / "o"))) == [1]
+    assert f"fused {fused == 'on'}" in p.stdout and sorted(run_metrics(str(tmp_path / "o"))) == [1]
 
 def test_fused_under_torchrun(tmp_path):
     out = torchrun(2, "calibrl.py", *flags(tmp_path, "--fused", "on", steps=1))
