@@ -19,7 +19,7 @@ Run it:
 Shapes in the comments: P prompts of a step on this rank, G on-policy rollouts per prompt,
 R rows of a micro-batch (on-policy and expert), L prompt length (left-padded), T response length
 (right-padded), H hidden size, V vocabulary size, K sampled responses per eval problem, N the
-response tokens of a packed micro-batch (--pack on: rows end to end, no padding; infra.py).
+response tokens of a packed micro-batch (--pack on: rows end to end, no padding; infra/packing).
 Alignment: the logits at sequence position t predict token t+1, so the response tokens at positions
 [L, L+T) are scored by the hidden states at positions [L-1, L+T-1).
 
@@ -40,7 +40,10 @@ Departures from the paper and the official code (the README explains each):
     ground truth is a string (the official reward does none of these).
 13. A uniform group has A = 0 exactly (the official float32 mean leaves ~1e-8).
 
-The machinery that is not the algorithm (validation, checkpoints, FSDP2 ...) is in infra.py.
+The machinery that is not the algorithm lives in infra/, one concern a file, imported by name:
+family (what differs per model family), distributed (torchrun, FSDP2), sampling, engine (the
+rollout engine), packing (micro-batches), checker (the answer checker's sandbox), dataset (rows
+checked up front), rundir (lock, stop signals, exit), metrics, checkpoints, flags.
 """
 import argparse
 import dataclasses
@@ -56,7 +59,9 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():  # the fused kernels run in Triton's interpreter on a CPU; this
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before anything imports triton
 
-import infra  # noqa: E402  (after the switch above: transformers may import triton)
+# the machinery (after the switch above: transformers may import triton); one room a concern
+from infra import (checker, checkpoints, dataset, distributed, engine, family,  # noqa: E402
+                   flags, metrics, packing, rundir, sampling)
 
 # -----------------------------------------------------------------------------
 # Configuration: one block; every field is a --flag and its help string is the field's docstring.
@@ -158,7 +163,7 @@ def parse_args(argv=None):
 # -----------------------------------------------------------------------------
 # Model and processor: transformers' auto classes; VLMs get images, text-only LMs get text.
 
-DATA_DIR = os.path.join(infra.HERE, "data")
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 DEMO_MODEL = os.path.join(DATA_DIR, "tiny-qwen2.5-vl")
 DEMO_TRAIN = os.path.join(DATA_DIR, "demo", "train.jsonl")
 DEMO_VAL = os.path.join(DATA_DIR, "demo", "val.jsonl")
@@ -176,8 +181,8 @@ def load_model(path, dtype, device):
         cls = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
         # safetensors only (a pickled .bin could run code), and never a folder's own code
         model = cls.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device)
-        infra.enable_packed_attention(model)  # SDPA that also takes packed rows (--pack on)
-        processor = infra.load_processor(path, config)
+        packing.enable_packed_attention(model)  # SDPA that also takes packed rows (--pack on)
+        processor = family.load_processor(path, config)
     except (OSError, ValueError, KeyError, SafetensorError) as e:  # no folder or hub, a bad file
         raise SystemExit(f"error: model {path}: cannot be loaded "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:300]})")
@@ -193,9 +198,7 @@ def load_model(path, dtype, device):
     extra = extra if isinstance(extra, list) else [extra]
     tok.stop_ids = sorted({tok.eos_id, *(i for i in extra if i is not None)})  # Qwen: <|endoftext|>
     # An untrained model samples <|image_pad|> and the like, which the next forward cannot take.
-    vision = [getattr(config, k, None) for k in ("image_token_id", "video_token_id",
-              "vision_start_token_id", "vision_end_token_id", "vision_token_id")]
-    tok.suppress_ids = sorted({i for i in vision if isinstance(i, int)})
+    tok.suppress_ids = family.of(model).vision_ids()
     # generate() fills every field our sampler leaves unset from the folder's generation_config.json
     # (Qwen2.5-VL-Instruct: repetition_penalty 1.05, top_k 1, top_p 0.001, temperature 0.1): keep
     # only the token ids. Checkpoints write the shipped file back.
@@ -231,17 +234,17 @@ def encode_prompt(processor, ex, is_vlm):
                 for m in msgs]
     text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     if is_vlm:
-        images = [infra.open_image(r) for r in ex["images"]]
+        images = [dataset.open_image(r) for r in ex["images"]]
         return dict(processor(text=[text], images=images or None, return_tensors="pt"))
     return dict(processor([text], return_tensors="pt", add_special_tokens=False))
 
 def load_examples(path, args, processor, tok, is_vlm, say=print, train=True):
     """The data rows as examples {messages, images, answer, solution}, each one checked before the
-    first step (infra.read_examples: one report naming the file, each bad row and field)."""
+    first step (dataset.read_examples: one report naming the file, each bad row and field)."""
     def prepare(ex):  # the spec's prompt, and its length in tokens
         ex["messages"] = with_instruction(ex["messages"])
         return encode_prompt(processor, ex, is_vlm)["input_ids"].shape[1]
-    return infra.read_examples(path, args, tok, is_vlm, prepare, say, train)
+    return dataset.read_examples(path, args, tok, is_vlm, prepare, say, train)
 
 # -----------------------------------------------------------------------------
 # Reward (official recipe): r = acc + 0.1 fmt; a sample passed <=> acc == 1 (never r > 0.1 in fp32).
@@ -259,7 +262,7 @@ def normalize_answer(s):
     return re.sub(r"\\degree|degrees|°", r"^\\circ", s)
 
 def math_equal(pred, gt):
-    from math_verify import parse, verify  # timeouts off: infra.Verifier bounds each check
+    from math_verify import parse, verify  # timeouts off: checker.Verifier bounds each check
     wrap = lambda s: s if "\\boxed" in s else "\\boxed{" + s + "}"
     gold = parse(wrap(gt), parsing_timeout=None)
     letters = str(gold[1]) if len(gold) > 1 else ""
@@ -270,7 +273,7 @@ def math_equal(pred, gt):
     # symmetric ("x >= 1" against "[1, oo)" scores 1, the reverse 0)
     return float(bool(guess) and verify(guess, gold, timeout_seconds=None))
 
-VERIFY = infra.Verifier(math_equal)  # math-verify can hang in C code: a worker bounded in time
+VERIFY = checker.Verifier(math_equal)  # math-verify can hang in C code: a worker bounded in time
 
 def reward_fn(response, ground_truth):
     """-> (accuracy, format) in {0, 1}^2; never raises."""
@@ -350,21 +353,21 @@ def sampling_config(args, tok, n, greedy=False):
     tok.suppress_ids (top-p when below 1), or greedy; a sample ends at a stop id or after
     --max-response-length tokens. Nothing else shapes it, whatever the model folder's
     generation_config.json holds (departure 11)."""
-    return infra.Sampling(n, args.max_response_length, args.temperature, args.top_p, greedy,
+    return sampling.Sampling(n, args.max_response_length, args.temperature, args.top_p, greedy,
                           tok.stop_ids, tok.suppress_ids)
 
 @torch.no_grad()
 def generate(policy, tok, encs, n, args, greedy=False, interrupt=None):
-    """n responses per prompt -> infra.Rollout: .responses [(T_i,) LongTensor] * (len(encs) * n),
+    """n responses per prompt -> engine.Rollout: .responses [(T_i,) LongTensor] * (len(encs) * n),
     each ending in a stop id unless truncated, .logprobs the sampler's log-prob of each token,
-    .stats. Call inside infra.gathered(policy): the weights are whole while decoding."""
+    .stats. Call inside distributed.gathered(policy): the weights are whole while decoding."""
     # memory by budget: calls of similar-length prompts, each prompt's KV once + n * T positions
-    calls = infra.plan_calls([e["input_ids"].shape[1] for e in encs], n, args.max_response_length,
+    calls = engine.plan_calls([e["input_ids"].shape[1] for e in encs], n, args.max_response_length,
                              args.rollout_max_tokens)
     sp = sampling_config(args, tok, n, greedy)
     # the engine runs in policy's forward (FSDP2's root); a closure, so that FSDP2 does not move
     # every prompt's images to the GPU at once
-    return policy(None, sampler=lambda model: infra.generate(
+    return policy(None, sampler=lambda model: engine.generate(
         model, encs, sp, calls, pad_id=tok.pad_id, interrupt=interrupt,
         cuda_graph=args.rollout_cuda_graph))
 
@@ -373,7 +376,7 @@ def rollout(policy, tok, examples, encs, args):
     the prompt has a solution) its expert row: the solution + end-of-turn (departure 9); and the
     rollout's metrics."""
     G = args.group_size
-    out = generate(policy, tok, encs, G, args, interrupt=infra.STOP.requested)  # a stop: end now
+    out = generate(policy, tok, encs, G, args, interrupt=rundir.STOP.requested)  # a stop: end now
     groups = []
     for p, (ex, enc) in enumerate(zip(examples, encs)):
         rows = [Row(out.responses[i], sample_logp=out.logprobs[i]) for i in range(p * G, p * G + G)]
@@ -405,11 +408,11 @@ def token_logprobs(logits, targets, temperature=1.0, suppress_ids=None):
 class Policy(torch.nn.Module):
     """The model, as FSDP2's root unit: all that touches the weights runs in this forward, around
     which FSDP2 gathers the root's own parameters (embeddings, final norm, a tied LM head).
-      policy(None, sampler=fn)            -> fn(model): infra.generate's samples  (the rollout)
+      policy(None, sampler=fn)            -> fn(model): engine.generate's samples  (the rollout)
       policy(inputs, L)                   -> log pi, entropy (R, T) of responses  (pi_old, l^E)
       policy(inputs, L, loss=Eq. C args)  -> (loss, metrics)                      (the update)
     The last two are the one scoring function, the readable and the fused path side by side; they
-    also take an infra.Pack instead of (inputs, L): the same rows packed, the same results."""
+    also take an packing.Pack instead of (inputs, L): the same rows packed, the same results."""
     def __init__(self, model, temperature, suppress_ids, fused):
         super().__init__()
         self.model, self.temperature, self.suppress_ids = model, temperature, suppress_ids
@@ -418,9 +421,9 @@ class Policy(torch.nn.Module):
     def forward(self, inputs, L=None, loss=None, sampler=None):
         if sampler is not None:  # whole weights, no collective: ranks decode at their own pace
             return sampler(self.model)
-        packed = isinstance(inputs, infra.Pack)
+        packed = isinstance(inputs, packing.Pack)
         if packed:  # the response-scoring positions only, (N, H), (N,); pack.rows -> (R, T)
-            h, targets = infra.packed_hidden(self.model, inputs), inputs.targets
+            h, targets = packing.packed_hidden(self.model, inputs), inputs.targets
             to_rows = inputs.rows
         else:
             h = self.model.model(**inputs, use_cache=False).last_hidden_state         # (R, L+T, H)
@@ -428,7 +431,7 @@ class Policy(torch.nn.Module):
             to_rows = lambda x: x  # noqa: E731  (already (R, T))
         W = self.model.get_output_embeddings().weight                                 # (V, H)
         if self.fused:  # Triton: no (R, T, V) logits are ever held; Eq. C inside the kernel
-            ops = infra.fused_ops()
+            ops = flags.fused_ops()
             kw = dict(temperature=self.temperature, suppress_ids=self.suppress_ids)
             if loss is not None and packed:  # the kernel's flat entry: the N tokens, no padding
                 return ops.fused_policy_loss_tokens(h, W, targets, **inputs.tokens(loss), **kw)
@@ -444,20 +447,20 @@ def micro_batches(rows, stand_in, args, model, pad_id, device):
     """The one chooser of micro-batches for the pi_old pass and the update: (Row, Group) pairs ->
     per forward (its pairs, weight, the policy's inputs). --pack on: at most
     --max-tokens-per-micro-batch tokens (prompt + response) packed, a group's rows together unless
-    that costs a forward (infra.packed_micro_batches); off: --micro-batch-size padded rows. Every
-    rank runs as many forwards: dummy work scores `stand_in` with weight 0 (infra.in_step)."""
+    that costs a forward (packing.packed_micro_batches); off: --micro-batch-size padded rows. Every
+    rank runs as many forwards: dummy work scores `stand_in` with weight 0 (distributed.in_step)."""
     packed = args.pack == "on"
     if packed:  # a row costs its prompt + response tokens; a group shares one vision forward
         tokens = [g.enc["input_ids"].shape[1] + len(r.resp) for r, g in rows]
-        chunks = infra.packed_micro_batches(rows, tokens, [id(g) for _, g in rows],
+        chunks = packing.packed_micro_batches(rows, tokens, [id(g) for _, g in rows],
                                             args.max_tokens_per_micro_batch)
     else:
-        chunks = infra.micro_batches(rows, args.micro_batch_size)
+        chunks = packing.micro_batches(rows, args.micro_batch_size)
     for chunk in chunks:
         batch, w = (chunk, 1.0) if chunk else ([stand_in], 0.0)
         encs, resps = [g.enc for _, g in batch], [r.resp for r, _ in batch]
-        infra.count_forward(encs, resps, packed, w)  # perf/pad_frac, perf/vision_encodes
-        yield batch, w, ((infra.pack_rows(model, encs, resps).to(device),) if packed
+        packing.count_forward(encs, resps, packed, w)  # perf/pad_frac, perf/vision_encodes
+        yield batch, w, ((packing.pack_rows(model, encs, resps).to(device),) if packed
                          else collate(encs, resps, pad_id, device))
 
 @torch.no_grad()
@@ -466,7 +469,7 @@ def old_logprobs(policy, groups, args, device, pad_id):
     no-grad pass at the rollout temperature before any weight moves."""
     rows = [(r, g) for g in groups for r in g.all_rows()]
     for batch, w, inputs in micro_batches(rows, rows[0], args, policy.model, pad_id, device):
-        infra.STOP.check()  # a stop request abandons the pass (Abandon): nothing has moved yet
+        rundir.STOP.check()  # a stop request abandons the pass (Abandon): nothing has moved yet
         logp, entropy = policy(*inputs)                                            # (R, T) each
         for (r, _), lp, en in zip(batch if w else [], logp.cpu(), entropy.cpu()):  # dummy: none
             r.old_logp, r.entropy = lp[:len(r.resp)], en[:len(r.resp)]
@@ -582,17 +585,18 @@ def update(policy, opt, sched, groups, args, device, pad_id, world):
         for m0 in range(0, len(groups), mb):
             rows = [(r, g) for g in groups[m0:m0 + mb] for r in g.all_rows() if r.in_loss]
             # departure 2: the token-mean is over the whole mini-batch, all ranks
-            num_tokens = max(infra.all_sum(sum(len(r.resp) for r, _ in rows)), 1.0)
+            num_tokens = max(distributed.all_sum(sum(len(r.resp) for r, _ in rows)), 1.0)
             live = [(r, g) for r, g in rows if r.adv != 0.0]  # departure 8: A = 0 adds exactly 0
             stand_in = (groups[0].rows[0], groups[0])  # dummy work: weight 0
             for batch, w, inputs in micro_batches(live, stand_in, args, policy.model, pad_id,
                                                   device):
                 T = max(len(r.resp) for r, _ in batch)
                 per_row = lambda f: torch.tensor([f(r) for r, _ in batch], device=device)  # (R,)
+                padded = lambda xs: packing.pad_rows(xs, T).to(device)                    # (R, T)
                 loss_in = dict(  # Eq. C's inputs: (R, T) and (R,) tensors, then the coefficients
-                    old_logp=infra.pad_rows([r.old_logp for r, _ in batch], T).to(device),
-                    mask=infra.pad_rows([torch.ones(len(r.resp)) for r, _ in batch], T).to(device),
-                    expert_logp=infra.pad_rows([g.expert_logp for _, g in batch], T).to(device),
+                    old_logp=padded([r.old_logp for r, _ in batch]),
+                    mask=padded([torch.ones(len(r.resp)) for r, _ in batch]),
+                    expert_logp=padded([g.expert_logp for _, g in batch]),
                     advantages=per_row(lambda r: r.adv).float(), passed=per_row(lambda r: r.passed),
                     expert_rows=per_row(lambda r: r.expert), algo=args.algo, clip_low=args.clip_low,
                     clip_high=args.clip_high, clip_c=args.clip_c, alpha=args.alpha, lam=args.lam,
@@ -602,18 +606,18 @@ def update(policy, opt, sched, groups, args, device, pad_id, world):
                 (loss * w * world).backward()
                 n = m.pop("tokens").item() * w
                 for k, v in m.items():
-                    infra.add(stats, k, v.item(), n)
+                    metrics.add(stats, k, v.item(), n)
                 if epoch == 0 and m0 == 0 and w:
                     first_dev = max(first_dev, m["loss/ratio_max_dev"].item())
-            grad_norm = infra.clip_grad_norm(policy, args.max_grad_norm)
+            grad_norm = distributed.clip_grad_norm(policy, args.max_grad_norm)
             if math.isfinite(grad_norm):  # a non-finite loss or gradient: the step is skipped
                 opt.step()
                 sched.step()
-            infra.add(stats, "loss/skipped_frac", float(not math.isfinite(grad_norm)))
-            infra.add(stats, "loss/grad_norm", grad_norm if math.isfinite(grad_norm) else 0.0)
+            metrics.add(stats, "loss/skipped_frac", float(not math.isfinite(grad_norm)))
+            metrics.add(stats, "loss/grad_norm", grad_norm if math.isfinite(grad_norm) else 0.0)
             opt.zero_grad(set_to_none=True)
     stats.pop("loss/ratio_max_dev", None)
-    return stats, infra.all_max(first_dev)
+    return stats, distributed.all_max(first_dev)
 
 # -----------------------------------------------------------------------------
 # Evaluation: mean@K of K samples (ours) and one greedy response (the official protocol).
@@ -625,10 +629,10 @@ def evaluate(policy, tok, processor, examples, args, device, is_vlm, rank, world
     w, mine = (1.0, mine) if mine else (0.0, examples[:1])  # none here: a stand-in, weight 0
     devices = [device] if device.type == "cuda" else []
     # seed 10_000 + ...: its own stream, and the training stream is left as it was
-    with torch.random.fork_rng(devices=devices), infra.gathered(policy):
+    with torch.random.fork_rng(devices=devices), distributed.gathered(policy):
         torch.manual_seed(10_000 + args.seed + rank)
         encs = [encode_prompt(processor, ex, is_vlm) for ex in mine]
-        stop = infra.STOP.requested  # a stop ends the evaluation early (it is then not logged)
+        stop = rundir.STOP.requested  # a stop ends the evaluation early (it is then not logged)
         sampled = generate(policy, tok, encs, k, args, interrupt=stop).responses  # budgeted calls
         greedy = generate(policy, tok, encs, 1, args, greedy=True, interrupt=stop).responses
     for p, ex in enumerate(mine):
@@ -641,37 +645,37 @@ def evaluate(policy, tok, processor, examples, args, device, is_vlm, rank, world
                            ("response_length", sum(len(s) for s in mine_k) / k),
                            ("greedy_accuracy", acc),             # the official protocol: n = 1
                            ("greedy_reward", acc + 0.1 * fmt)):  # what it logs
-            infra.add(stats, "eval/" + key, value, w)
-    return infra.reduce_stats(stats)
+            metrics.add(stats, "eval/" + key, value, w)
+    return metrics.reduce_stats(stats)
 
 # -----------------------------------------------------------------------------
 # Main loop: rollout -> pi_old log-probs and l^E -> advantages -> update -> log, eval, save.
 
-@infra.finishes  # however main ends: signal handlers back, the folder unlocked, the group closed
+@rundir.finishes  # however main ends: signal handlers back, the folder unlocked, the group closed
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = infra.setup_distributed(args.dist_timeout)
+    rank, world, device = distributed.setup_distributed(args.dist_timeout)
     say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    infra.check_args(args, world)  # every flag's range, before the model loads
-    model_path = infra.demo_defaults(args, DEMO_MODEL, DEMO_TRAIN, DEMO_VAL, say)
+    flags.check_args(args, world)  # every flag's range, before the model loads
+    model_path = flags.demo_defaults(args, DEMO_MODEL, DEMO_TRAIN, DEMO_VAL, say)
     # the training stream (sampling, mixup): one per rank, apart for up to 1000 ranks
     torch.manual_seed(args.seed * 1000 + rank)
-    dtype, fused = infra.compute_dtype(args.dtype, device), infra.use_fused(args.fused, device)
+    dtype, fused = flags.compute_dtype(args.dtype, device), flags.use_fused(args.fused, device)
     # under FSDP the parameters are fp32 master weights, and compute runs in `dtype`
     model, processor, tok, is_vlm = load_model(
-        model_path, torch.float32 if infra.distributed() else dtype, device)
+        model_path, torch.float32 if distributed.active() else dtype, device)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = Policy(model, args.temperature, tok.suppress_ids, fused)
-    if infra.distributed():
-        infra.shard(policy, dtype, device)
+    if distributed.active():
+        distributed.shard(policy, dtype, device)
     eval_set = (load_examples(args.eval_data, args, processor, tok, is_vlm, say, train=False)
                 if args.eval_data else [])
-    out_dir = infra.prepare_output_dir(args, rank)  # refused if in use or holding an earlier run
-    logger = infra.Logger(out_dir, rank, args.tensorboard, args.steps)
+    out_dir = rundir.prepare_output_dir(args, rank)  # refused if in use or holding an earlier run
+    logger = metrics.Logger(out_dir, rank, args.tensorboard, args.steps)
     def run_eval(step):  # an evaluation cut short by a stop request is not logged
         m = evaluate(policy, tok, processor, eval_set, args, device, is_vlm, rank, world)
-        if not infra.STOP.agreed():
+        if not rundir.STOP.agreed():
             logger.log(step, m)
     if args.eval_only:
         run_eval(0)
@@ -688,20 +692,20 @@ def main(argv=None):
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     warmup = lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup)
-    stream = infra.PromptStream(len(data), args.seed, args.shuffle)
-    start = infra.resume(policy, opt, sched, stream, out_dir, logger, args, rank, say)
+    stream = dataset.PromptStream(len(data), args.seed, args.shuffle)
+    start = checkpoints.resume(policy, opt, sched, stream, out_dir, logger, args, rank, say)
     say(f"calibrl | algo {args.algo} | preset {args.preset} | model {model_path} | "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params | {len(data)} train rows "
         f"| world {world} | device {device} {dtype} | fused {fused} | out {out_dir}")
-    infra.STOP.install()  # SIGTERM, SIGINT, SIGUSR1: a checkpoint at the next safe point, exit 0
+    rundir.STOP.install()  # SIGTERM, SIGINT, SIGUSR1: a checkpoint at the next safe point, exit 0
     if eval_set and args.eval_every and start == 0:
         run_eval(0)
 
     VERIFY.timeout, VERIFY.budget = args.reward_timeout, args.reward_budget
     bad_streak, diverged = 0, False
-    infra.perf_metrics([], device)  # perf/* and mem/peak_gb count from here, step by step
+    packing.perf_metrics([], device)  # perf/* and mem/peak_gb count from here, step by step
     for step in range(start + 1, args.steps + 1):
-        t0, failures, at_start = time.time(), VERIFY.failures, infra.step_start(stream)
+        t0, failures, at_start = time.time(), VERIFY.failures, checkpoints.step_start(stream)
         VERIFY.start_step()
         # a strided shard per rank, so mini-batch k holds the same groups for any world size
         examples = [data[i] for i in stream.take(args.prompts_per_step)[rank::world]]
@@ -709,13 +713,14 @@ def main(argv=None):
         try:  # a stop request abandons the rollout or the pi_old pass: no weight has moved yet
             # eval mode: no dropout, and gradient checkpointing (a training-mode feature) stays off
             model.eval()
-            with infra.gathered(policy):
+            with distributed.gathered(policy):
                 groups, rollout_stats = rollout(policy, tok, examples, encs, args)
             t1 = time.time()
-            infra.STOP.check()  # an interrupted rollout returns early on its rank: all must agree
+            rundir.STOP.check()  # an interrupted rollout returns early on its rank: all must agree
             old_logprobs(policy, groups, args, device, tok.pad_id)
-        except infra.Abandon:  # save the state as it was when this step began: resume replays it
-            path = infra.save_before(step, at_start, policy, processor, opt, sched, stream, out_dir)
+        except rundir.Abandon:  # save the state as it was when this step began: resume replays it
+            path = checkpoints.save_before(step, at_start, policy, processor, opt, sched, stream,
+                                           out_dir)
             say(f"stopped by signal in step {step}; checkpoint {path}; continue with --resume")
             break
         advantages(groups, args)
@@ -724,26 +729,27 @@ def main(argv=None):
         stats, first_dev = update(policy, opt, sched, groups, args, device, tok.pad_id, world)
         t3 = time.time()
 
-        metrics = infra.step_metrics(stats, groups)  # train/*: the on-policy rows' means
-        metrics.update(infra.rollout_metrics(rollout_stats, groups))  # perf/rollout_*, logprob gap
-        n_tokens = infra.all_sum(sum(len(r.resp) for g in groups for r in g.all_rows()))
-        metrics.update({"loss/ratio_first_dev": first_dev, "time/rollout": t1 - t0,
+        log = metrics.step_metrics(stats, groups)  # train/*: the on-policy rows' means
+        log.update(engine.rollout_metrics(rollout_stats, groups))  # perf/rollout_*, logprob gap
+        n_tokens = distributed.all_sum(sum(len(r.resp) for g in groups for r in g.all_rows()))
+        log.update({"loss/ratio_first_dev": first_dev, "time/rollout": t1 - t0,
                         "time/logprob": t2 - t1, "time/update": t3 - t2, "time/step": t3 - t0,
                         "perf/tokens_per_sec": n_tokens / (t3 - t0),
                         "train/lr": sched.get_last_lr()[0], "train/reward_seconds": VERIFY.spent,
-                        "train/reward_failures": infra.all_sum(VERIFY.failures - failures),
-                        **infra.perf_metrics(encs, device)})  # perf/pad_frac, ..., mem/peak_gb
-        logger.log(step, metrics)
+                        "train/reward_failures": distributed.all_sum(VERIFY.failures - failures),
+                        **packing.perf_metrics(encs, device)})  # perf/pad_frac, ..., mem/peak_gb
+        logger.log(step, log)
         if first_dev > 1e-3:  # the self-check: pi_theta == pi_old before the first optimizer step
             say(f"warning: step {step}: |rho - 1| = {first_dev:.1e} at theta_old: paths differ?")
-        infra.check_weights(policy, step, out_dir)  # non-finite weights stop the run, unsaved
-        bad_streak = bad_streak + 1 if metrics["loss/skipped_frac"] > 0 else 0
+        checkpoints.check_weights(policy, step, out_dir)  # non-finite weights stop the run, unsaved
+        bad_streak = bad_streak + 1 if log["loss/skipped_frac"] > 0 else 0
         if eval_set and args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             run_eval(step)
-        stopping, diverged = infra.STOP.agreed(), bad_streak >= args.max_bad_steps
+        stopping, diverged = rundir.STOP.agreed(), bad_streak >= args.max_bad_steps
         if (args.save_every and step % args.save_every == 0) or step == args.steps or stopping \
                 or diverged:
-            path = infra.save_checkpoint(policy, processor, opt, sched, stream, step, out_dir, rank)
+            path = checkpoints.save_checkpoint(policy, processor, opt, sched, stream, step, out_dir,
+                                               rank)
         if stopping:
             say(f"stopped by signal after step {step}; checkpoint {path}; continue with --resume")
         if stopping or diverged:
@@ -755,4 +761,4 @@ def main(argv=None):
     return out_dir
 
 if __name__ == "__main__":
-    infra.run(main)
+    rundir.run(main)

@@ -1,4 +1,4 @@
-"""Tests for calibrl.py, infra.py and kernels/, written as the specification they check: the spec's
+"""Tests for calibrl.py, infra/ and kernels/, written as the specification they check: the spec's
 test vectors, the loss against a per-token re-derivation, the reward rules, the data schema and
 every class of bad input, end-to-end and distributed runs, resume and signals, and the fused
 kernel against the readable loss (Triton's interpreter on a CPU, native on a GPU).
@@ -16,10 +16,11 @@ import safetensors.torch
 import torch
 
 import calibrl  # on a CPU it switches Triton's interpreter on, before anything imports triton
-import infra
+from infra import (checker, checkpoints, dataset, distributed, engine, family, flags, packing,
+                   rundir, sampling)
 from calibrl import group_advantages, policy_loss, reward_fn
 
-fused_calibrl = infra.fused_ops()  # kernels/fused_calibrl.py, loaded by path (kernels/ is no package)
+fused_calibrl = flags.fused_ops()  # kernels/fused_calibrl.py, loaded by path (kernels/ is no package)
 fused_logprobs, fused_policy_loss = fused_calibrl.fused_logprobs, fused_calibrl.fused_policy_loss
 
 D = torch.float64
@@ -40,14 +41,14 @@ SMALL = ["--prompts-per-step", "4", "--mini-batch-prompts", "2", "--group-size",
          "--micro-batch-size", "6", "--eval-every", "0"]
 
 
-def flags(out, *more, steps=2):
+def run_flags(out, *more, steps=2):
     """The command line of a small run: `steps` steps of 4 prompts x 4 rollouts into folder `out`."""
     return ["--steps", str(steps), *SMALL, "--output-dir", str(out), *more]
 
 
 def train(out, *more, steps=2):
     """Run calibrl for `steps` steps in this process (a new interpreter costs ~7 s) -> its folder."""
-    return calibrl.main(flags(out, *more, steps=steps))
+    return calibrl.main(run_flags(out, *more, steps=steps))
 
 
 WALL_CLOCK = ("time/", "perf/", "mem/", "train/reward_seconds")  # they measure the machine, not the run
@@ -367,7 +368,7 @@ def test_reward_rules(response, gt, want):
     assert reward_fn(response, gt) == want
 
 # -----------------------------------------------------------------------------
-# Configuration and data
+# Configuration (calibrl.Args, infra/flags.py) and data (infra/dataset.py)
 
 def test_presets_and_explicit_flags():
     demo = calibrl.parse_args([])
@@ -405,7 +406,7 @@ def test_data_forms(tmp_path, demo):
     parts = exs[0]["messages"][0]["content"]
     assert [p["type"] for p in parts] == ["image", "image", "text"]
     assert parts[-1]["text"].count(calibrl.INSTRUCTION) == 1          # not appended twice
-    assert [infra.open_image(r).size for r in exs[0]["images"]] == [(28, 28), (28, 28)]
+    assert [dataset.open_image(r).size for r in exs[0]["images"]] == [(28, 28), (28, 28)]
     rows = [
         {"prompt": "<image>Q1?", "images": ["a.png"], "answer": 3, "solution": ["<think>s</think><answer>3</answer>", "x"]},
         {"prompt": "Text only", "images": [], "answer": 2.5, "solution": {"role": "assistant", "content": "sol"}},
@@ -416,7 +417,7 @@ def test_data_forms(tmp_path, demo):
     assert [e["answer"] for e in exs] == ["3", "2.5", "x"]
     assert [e["solution"] for e in exs] == ["<think>s</think><answer>3</answer>", "sol", None]
     assert exs[0]["messages"][0]["content"][-1]["text"] == "Q1? " + calibrl.INSTRUCTION
-    assert infra.open_image(exs[0]["images"][0]).size == (28, 28)
+    assert dataset.open_image(exs[0]["images"][0]).size == (28, 28)
 
 def test_instruction_once_and_the_verl_ground_truth_wins(tmp_path, demo):
     """The instruction is not appended again when any message (the system one too) holds it, whitespace
@@ -466,18 +467,18 @@ def test_sampling_ignores_the_model_folders_generation_config(tmp_path, demo):
         assert all(torch.equal(a, b) for a, b in zip(outs[0].logprobs, outs[1].logprobs))
     # the processed scores of every sampled step are exactly logits / T, -inf only at the suppressed ids
     args.temperature = 0.7
-    seen, process = [], infra.process_logits
+    seen, process = [], sampling.process_logits
     def spy(logits, sp, suppress):
         scores = process(logits, sp, suppress)
         seen.append((logits.clone(), scores.clone()))
         return scores
-    infra.process_logits = spy
+    sampling.process_logits = spy
     try:
         torch.manual_seed(1)
         policy = calibrl.Policy(dirty[0], 0.7, dirty[2].suppress_ids, fused=False)
         calibrl.generate(policy, dirty[2], encs, 2, args)
     finally:
-        infra.process_logits = process
+        sampling.process_logits = process
     assert len(seen) > 1 and dirty[2].suppress_ids
     for logits, scores in seen:
         want = logits / 0.7
@@ -500,13 +501,13 @@ def test_log_probs_score_the_samplers_distribution():
 def test_prompt_stream_epochs():
     """Each epoch is a pass over the data, reshuffled (or in file order); a step never spans two epochs:
     the last partial batch of an epoch is dropped, as verl's drop_last does."""
-    s = infra.PromptStream(10, seed=0)
+    s = dataset.PromptStream(10, seed=0)
     steps = [s.take(4) for _ in range(4)]          # 10 // 4 = 2 steps per epoch
     assert len(set(steps[0] + steps[1])) == 8 and len(set(steps[2] + steps[3])) == 8
     assert steps[:2] != steps[2:]                  # reshuffled
-    again = infra.PromptStream(10, seed=0)
+    again = dataset.PromptStream(10, seed=0)
     assert [again.take(4) for _ in range(4)] == steps   # deterministic
-    ordered = infra.PromptStream(10, seed=0, shuffle=False)
+    ordered = dataset.PromptStream(10, seed=0, shuffle=False)
     assert [ordered.take(4) for _ in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 3]]
 
 def test_the_paper_preset_is_the_official_recipe(tmp_path):
@@ -542,14 +543,14 @@ def test_two_steps_each_algo(algo, tmp_path):
     model = AutoModelForImageTextToText.from_pretrained(ckpt)
     saved = params(ckpt)
     assert any(not torch.equal(v, params(calibrl.DEMO_MODEL)[k]) for k, v in saved.items())
-    assert infra.load_processor(ckpt, model.config).image_processor is not None
+    assert family.load_processor(ckpt, model.config).image_processor is not None
 
 # -----------------------------------------------------------------------------
-# Distributed (torchrun, FSDP2 on gloo), resume and signals
+# infra/distributed.py, checkpoints.py, rundir.py: torchrun (FSDP2 on gloo), resume, signals
 
 def test_torchrun_two_ranks_trains_and_checkpoints(tmp_path):
     # 3 eval problems, 1 per sampled call (288 KV positions each): rank 0 runs 2 calls, rank 1 one
-    out = torchrun(2, "calibrl.py", *flags(tmp_path, "--eval-every", "1", "--eval-max-prompts", "3",
+    out = torchrun(2, "calibrl.py", *run_flags(tmp_path, "--eval-every", "1", "--eval-max-prompts", "3",
                                            "--rollout-max-tokens", "300"))
     assert "world 2" in out and "step 2/2" in out
     lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
@@ -563,17 +564,17 @@ FIXED_ROLLOUT_UPDATE = '''
 import sys
 import torch
 import calibrl
-import infra
+from infra import distributed, packing
 out = sys.argv[1]
-rank, world, device = infra.setup_distributed()
+rank, world, device = distributed.setup_distributed()
 result = {}
 for algo in ("calibrl", "luffy"):
     args = calibrl.parse_args(["--algo", algo, "--group-size", "4", "--prompts-per-step", "4",
                                "--mini-batch-prompts", "2", "--micro-batch-size", "3"])
     model, proc, tok, is_vlm = calibrl.load_model(calibrl.DEMO_MODEL, torch.float32, device)
     policy = calibrl.Policy(model, args.temperature, tok.suppress_ids, fused=False)
-    if infra.distributed():
-        infra.shard(policy, torch.float32, device)
+    if distributed.active():
+        distributed.shard(policy, torch.float32, device)
     # SGD: the parameter change is the gradient itself. (Adam's first step is lr * sign(g), so float
     # noise on near-zero gradient elements would flip whole lr-sized steps and hide the comparison.)
     opt = torch.optim.SGD(policy.parameters(), lr=0.1)
@@ -639,7 +640,7 @@ def test_refuses_another_runs_output_dir(tmp_path):
 def test_sigterm_checkpoints_and_resumes(tmp_path):
     import signal
     import time
-    argv = [sys.executable, "calibrl.py"] + flags(tmp_path, steps=200)
+    argv = [sys.executable, "calibrl.py"] + run_flags(tmp_path, steps=200)
     p = subprocess.Popen(argv, cwd=HERE, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 120
@@ -649,13 +650,13 @@ def test_sigterm_checkpoints_and_resumes(tmp_path):
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 0, out[-3000:]
     assert "stopped by signal" in out and "Traceback" not in out
-    (step, ckpt), = infra.checkpoints(str(tmp_path))
+    (step, ckpt), = checkpoints.checkpoints(str(tmp_path))
     assert step < 200
     train(tmp_path, "--resume", steps=step + 1)
     assert sorted(run_metrics(str(tmp_path))) == list(range(1, step + 2))
 
 # -----------------------------------------------------------------------------
-# Bad input and faults: clear errors naming file, row and field; nothing hangs
+# infra/dataset.py, checker.py: bad input named by file, row and field; no check hangs
 
 BAD_DATASETS = [  # (name, rows: the bad one is row 3 of the file, extra flags, expected pieces of the message)
     ("invalid json", ['{"prompt": "<image>Q", '], [], ["row 3", "'json'", "invalid JSON"]),
@@ -787,12 +788,12 @@ def test_non_finite_loss_skips_steps_then_stops_with_a_checkpoint(tmp_path, monk
         train(tmp_path, "--max-bad-steps", "2", steps=5)
     m = run_metrics(str(tmp_path))
     assert sorted(m) == [1, 2] and all(m[s]["loss/skipped_frac"] == 1.0 for s in m)
-    (step, ckpt), = infra.checkpoints(str(tmp_path))
+    (step, ckpt), = checkpoints.checkpoints(str(tmp_path))
     a, b = params(ckpt), params(calibrl.DEMO_MODEL)
     assert step == 2 and all(torch.equal(a[k], b[k]) for k in b if k in a)  # the weights were never touched
 
 # -----------------------------------------------------------------------------
-# Faults and misuse: nothing lost, nothing silent, no tracebacks
+# infra/flags.py, rundir.py, checkpoints.py: faults and misuse; nothing lost, nothing silent
 
 FLAG_ERRORS = [  # (flags, the flag named in the message)
     (["--group-size", "0"], "--group-size 0"), (["--group-size", "-1"], "--group-size -1"),
@@ -911,7 +912,7 @@ def test_resume_refuses_a_checkpoint_whose_pickles_would_run_code(tmp_path, vict
     manifest = json.loads((ckpt / "manifest.json").read_text())
     manifest[victim] = os.path.getsize(ckpt / victim)  # a complete checkpoint, as far as sizes go
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
-    assert infra.incomplete(ckpt) is None
+    assert checkpoints.incomplete(ckpt) is None
     with pytest.raises(SystemExit, match=f"refuses .*checkpoint-1: .*{victim}.*(pickled objects|not plain "
                                          "DCP metadata).*could run code"):
         train(out, "--resume", steps=2)
@@ -944,14 +945,14 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_whole_metrics_lines(tmp_p
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(SystemExit, match="checkpoint-2 could not be written .no space left on the device"):
         train(tmp_path, "--save-every", "1", steps=2)
-    assert [s for s, _ in infra.checkpoints(str(tmp_path))] == [1] and not infra.incomplete(tmp_path / "checkpoint-1")
+    assert [s for s, _ in checkpoints.checkpoints(str(tmp_path))] == [1] and not checkpoints.incomplete(tmp_path / "checkpoint-1")
     assert not (tmp_path / "checkpoint-2.tmp").exists()
     monkeypatch.setattr(torch, "save", real_save)
     # the metrics append: a failed write is cut back, never half a line
     def half_then_full(fd, data):
         os.write(fd, data[:len(data) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(infra, "_write_all", half_then_full)
+    monkeypatch.setattr(rundir, "_write_all", half_then_full)
     with pytest.raises(SystemExit, match="cannot write .*metrics.jsonl .No space left on device."):
         train(tmp_path, "--resume", steps=2)
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
@@ -970,10 +971,10 @@ def test_non_finite_weights_after_a_step_stop_the_run_unsaved(tmp_path, monkeypa
     monkeypatch.setattr(torch.optim.AdamW, "step", blow_up)
     with pytest.raises(SystemExit, match="step 2 left non-finite weights; they are not saved"):
         train(tmp_path, "--save-every", "1", "--mini-batch-prompts", "4", steps=3)
-    assert [s for s, _ in infra.checkpoints(str(tmp_path))] == [1]
+    assert [s for s, _ in checkpoints.checkpoints(str(tmp_path))] == [1]
 
 def test_long_answers_and_the_per_step_budget_skip_math_verify(monkeypatch):
-    v = infra.Verifier(calibrl.math_equal, timeout=5.0, budget=30.0)
+    v = checker.Verifier(calibrl.math_equal, timeout=5.0, budget=30.0)
     assert v("1/2", "0.5") == 1.0 and v.failures == 0 and v.spent > 0
     assert v("0." + "5" * 2000, "0.5") == 0.0 and v.failures == 1        # too long: not parsed at all
     v.spent = v.budget                                                   # the step's budget is spent
@@ -1019,24 +1020,25 @@ def test_sigterm_to_torchrun_in_a_long_rollout_checkpoints_the_last_step(tmp_pat
     at once; --resume then replays step 2 exactly as an uninterrupted run does."""
     import signal
     import time
-    long = flags(tmp_path / "cut", "--group-size", "16", "--temperature", "3", "--max-response-length", "160",
+    long = run_flags(tmp_path / "cut", "--group-size", "16", "--temperature", "3", "--max-response-length", "400",
                  steps=2)  # at temperature 3 the tiny model rarely stops: rollouts of a few seconds
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "calibrl.py"]
     p = subprocess.Popen(cmd + long, cwd=HERE, env=CPU_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True)
     metrics = tmp_path / "cut" / "metrics.jsonl"
-    with deadline(240):
-        while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
-            time.sleep(0.1)
-    p.send_signal(signal.SIGTERM)                     # step 2's rollout has just begun
+    with deadline(240):  # step 1's line; then the stop check after step 1 has passed (a signal
+        while not (metrics.exists() and '"step": 1,' in metrics.read_text()):  # before it ends the
+            time.sleep(0.1)                                                    # run after step 1)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)                     # step 2's rollout has begun
     t0 = time.time()
     out, _ = p.communicate(timeout=120)
     assert time.time() - t0 < 30, out[-3000:]          # before torchrun's SIGKILL
     assert "stopped by signal in step 2" in out and "checkpoint-1" in out, out[-3000:]
-    assert [s for s, _ in infra.checkpoints(str(tmp_path / "cut"))] == [1]
+    assert [s for s, _ in checkpoints.checkpoints(str(tmp_path / "cut"))] == [1]
     assert "Traceback (most recent call last):\n  File \"/work" not in out.split("stopped by signal")[0]
     torchrun(2, "calibrl.py", *long, "--resume")
-    torchrun(2, "calibrl.py", *flags(tmp_path / "straight", *long[len(flags(tmp_path / "cut", steps=2)):], steps=2))
+    torchrun(2, "calibrl.py", *run_flags(tmp_path / "straight", *long[len(run_flags(tmp_path / "cut", steps=2)):], steps=2))
     resumed, straight = run_metrics(str(tmp_path / "cut")), run_metrics(str(tmp_path / "straight"))
     assert sorted(resumed) == [1, 2]
     for k, v in straight[2].items():
@@ -1049,7 +1051,7 @@ def test_a_frozen_rank_ends_the_run_after_dist_timeout(tmp_path):
     import signal
     import time
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "calibrl.py",
-           *flags(tmp_path, "--dist-timeout", "3", steps=100)]
+           *run_flags(tmp_path, "--dist-timeout", "3", steps=100)]
     env = {**CPU_ENV, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "2"}  # torchrun's wait before it SIGKILLs the rest
     p = subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "metrics.jsonl"
@@ -1504,7 +1506,7 @@ def test_an_installed_kernels_distribution_is_not_shadowed(tmp_path, fused):
     env.pop("TRITON_INTERPRET", None)  # calibrl.py itself must switch the interpreter on, early enough
     probe = ("import calibrl, importlib.metadata, kernels, transformers.utils.import_utils as u; "
              "print(kernels.__file__, importlib.metadata.version('kernels'), u.is_kernels_available(), "
-             "calibrl.infra.fused_ops().__file__)")
+             "calibrl.flags.fused_ops().__file__)")
     p = subprocess.run([sys.executable, "-c", probe], cwd=HERE, env=env, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -1512,19 +1514,19 @@ def test_an_installed_kernels_distribution_is_not_shadowed(tmp_path, fused):
     assert not where.startswith(os.path.join(HERE, "kernels")), f"calibrl's kernels/ shadows {where}"
     assert seen == version and accepted == "True", p.stdout
     assert ours == os.path.join(HERE, "kernels", "fused_calibrl.py")
-    p = subprocess.run([sys.executable, "calibrl.py", *flags(tmp_path / "o", "--fused", fused, steps=1)],
+    p = subprocess.run([sys.executable, "calibrl.py", *run_flags(tmp_path / "o", "--fused", fused, steps=1)],
                        cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"fused {fused == 'on'}" in p.stdout and sorted(run_metrics(str(tmp_path / "o"))) == [1]
 
 def test_fused_under_torchrun(tmp_path):
-    out = torchrun(2, "calibrl.py", *flags(tmp_path, "--fused", "on", steps=1))
+    out = torchrun(2, "calibrl.py", *run_flags(tmp_path, "--fused", "on", steps=1))
     assert "fused True" in out and "world 2" in out
     assert run_metrics(str(tmp_path))[1]["loss/ratio_first_dev"] < 1e-5
 
 
 # -----------------------------------------------------------------------------
-# Other architectures: a tiny Qwen2-VL and a tiny text-only causal LM, built from configs
+# infra/family.py: a tiny Qwen2-VL and a tiny text-only causal LM, built from configs
 
 @pytest.fixture(scope="module")
 def make_demo():
@@ -1567,7 +1569,7 @@ def test_eval_only_on_a_hand_written_jsonl(tmp_path):
     assert m["eval/response_length"] > 0
 
 # -----------------------------------------------------------------------------
-# The rollout engine (infra.generate): the tokens of transformers' generate, exactly the
+# infra/engine.py, sampling.py (engine.generate): the tokens of transformers' generate, exactly the
 # sampler's distribution, prefill once, the budget, validation, interrupt and progress
 
 RG, RT = 4, 24  # samples per prompt, response budget: small, these run on 2 shared CPU cores
@@ -1607,7 +1609,7 @@ def mix(demo):
 
 
 def sampler(tok, n=RG, greedy=False, T=RT, **kw):
-    return infra.Sampling(n, T, greedy=greedy, stop_ids=tok.stop_ids, suppress_ids=tok.suppress_ids,
+    return sampling.Sampling(n, T, greedy=greedy, stop_ids=tok.stop_ids, suppress_ids=tok.suppress_ids,
                           **kw)
 
 
@@ -1615,11 +1617,11 @@ def lengths(encs):
     return [e["input_ids"].shape[1] for e in encs]
 
 
-def engine(model, tok, encs, sp, budget=10**6, seed=0, **kw):
+def run_engine(model, tok, encs, sp, budget=10**6, seed=0, **kw):
     if seed is not None:
         torch.manual_seed(seed)
-    calls = infra.plan_calls(lengths(encs), sp.n, sp.max_new_tokens, budget)
-    return infra.generate(model, encs, sp, calls, pad_id=tok.pad_id, **{"progress": None, **kw})
+    calls = engine.plan_calls(lengths(encs), sp.n, sp.max_new_tokens, budget)
+    return engine.generate(model, encs, sp, calls, pad_id=tok.pad_id, **{"progress": None, **kw})
 
 
 def n_same(a, b):
@@ -1634,9 +1636,9 @@ def test_rollout_greedy_matches_generate(demo, mix):
     sp = sampler(tok, n=1, greedy=True)
     ref = bench_rollout().today_generate(model, mix, sp, tok.pad_id, len(mix), "cpu")
     assert len({len(r) for r in ref}) > 1  # responses end at different steps
-    two = infra.call_tokens(max(lengths(mix)), 1, RT, 2)
+    two = engine.call_tokens(max(lengths(mix)), 1, RT, 2)
     for budget in (10**6, two):
-        out = engine(model, tok, mix, sp, budget)
+        out = run_engine(model, tok, mix, sp, budget)
         assert n_same(ref, out.responses) == len(ref), f"budget {budget}"
         assert out.stats["perf/rollout_calls"] == (1 if budget > two else 3)
     args = calibrl.parse_args(["--max-response-length", str(RT), "--rollout-max-tokens", str(two)])
@@ -1653,7 +1655,7 @@ def test_rollout_sampled_matches_generate_same_seed(demo, mix):
     sp = sampler(tok)
     torch.manual_seed(3)
     ref = bench_rollout().today_generate(model, mix, sp, tok.pad_id, len(mix), "cpu")
-    out = engine(model, tok, mix, sp, seed=3, compact=False)
+    out = run_engine(model, tok, mix, sp, seed=3, compact=False)
     assert n_same(ref, out.responses) == len(ref)
     assert len({len(r) for r in ref}) > 1
 
@@ -1665,7 +1667,7 @@ def test_rollout_distribution_is_softmax_logits_over_T(demo, mix, monkeypatch):
     path, teacher-forced), which a wrong position, mask or cache row after compaction would break."""
     model, _, tok, _ = demo
     sp = sampler(tok, T=40, temperature=0.7)
-    seen, process, moves, keep_rows = [], infra.process_logits, [], infra.StaticKV.keep_rows
+    seen, process, moves, keep_rows = [], sampling.process_logits, [], engine.StaticKV.keep_rows
     def spy(logits, sp_, suppress):
         scores = process(logits, sp_, suppress)
         seen.append((logits.clone(), scores.clone()))
@@ -1673,9 +1675,9 @@ def test_rollout_distribution_is_softmax_logits_over_T(demo, mix, monkeypatch):
     def moved(kv, keep):
         moves.append(keep != list(range(len(keep))))
         return keep_rows(kv, keep)
-    monkeypatch.setattr(infra, "process_logits", spy)
-    monkeypatch.setattr(infra.StaticKV, "keep_rows", moved)
-    out = engine(model, tok, mix, sp, infra.call_tokens(max(lengths(mix)), RG, 40, 3), seed=4)
+    monkeypatch.setattr(sampling, "process_logits", spy)
+    monkeypatch.setattr(engine.StaticKV, "keep_rows", moved)
+    out = run_engine(model, tok, mix, sp, engine.call_tokens(max(lengths(mix)), RG, 40, 3), seed=4)
     assert out.stats["perf/rollout_calls"] == 2 and any(moves)  # a finished prompt left the cache
     assert out.stats["rollout/decode_rows"] < out.stats["rollout/decode_rows_dense"]  # compacted
     sup = torch.zeros(seen[0][0].shape[-1], dtype=torch.bool)
@@ -1697,14 +1699,14 @@ def test_rollout_prefill_once_equals_per_sample_prefill(demo, mix):
     all at once) writes the keys and values, and gives the next-token logits, of the per-sample
     prefill generate does (the prompt repeated G times)."""
     model, _, tok, _ = demo
-    m = infra.RolloutModel(model)
-    call = infra.plan_calls(lengths(mix[:3]), RG, RT, 10**6)[0]
+    m = engine.RolloutModel(model)
+    call = engine.plan_calls(lengths(mix[:3]), RG, RT, 10**6)[0]
     runs = []
     for per_forward in (call.P, 10**6):
-        kv = infra.StaticKV(call.tokens)
+        kv = engine.StaticKV(call.tokens)
         kv.start_call(len(call.prompts), call.tokens // len(call.prompts))
-        with torch.no_grad(), infra.rollout_attention_on(model):
-            logits, n_tok, _, _ = infra.prefill(m, mix, call, kv, tok.pad_id, per_forward)
+        with torch.no_grad(), engine.rollout_attention_on(model):
+            logits, n_tok, _, _ = engine.prefill(m, mix, call, kv, tok.pad_id, per_forward)
         runs.append((kv, logits))
     (kv, logits), (_, logits2) = runs
     close(logits, logits2, 2e-5, "one prompt per forward vs all at once")
@@ -1729,23 +1731,23 @@ def test_rollout_plan_arithmetic():
     for _ in range(300):
         n, T = rng.choice([1, 4, 10]), rng.choice([1, 16, 512])
         lens = [rng.randint(1, 3000) for _ in range(rng.randint(0, 40))]
-        budget = infra.call_tokens(max(lens, default=1), n, T) * rng.choice([1, 2, 5, 50]) \
+        budget = engine.call_tokens(max(lens, default=1), n, T) * rng.choice([1, 2, 5, 50]) \
             + rng.randint(0, 999)
-        calls = infra.plan_calls(lens, n, T, budget)
+        calls = engine.plan_calls(lens, n, T, budget)
         assert sorted(i for c in calls for i in c.prompts) == list(range(len(lens)))
         for c in calls:
             assert c.P == max(lens[i] for i in c.prompts) and c.prompts == sorted(c.prompts)
-            assert c.tokens == infra.call_tokens(c.P, n, T, len(c.prompts)) <= budget
-            assert c.tokens // len(c.prompts) % infra.ALIGN == 0
+            assert c.tokens == engine.call_tokens(c.P, n, T, len(c.prompts)) <= budget
+            assert c.tokens // len(c.prompts) % engine.ALIGN == 0
         for a, b in zip(calls, calls[1:]):
             assert min(lens[i] for i in a.prompts) >= max(lens[i] for i in b.prompts)
-            assert infra.call_tokens(a.P, n, T, len(a.prompts) + 1) > budget
+            assert engine.call_tokens(a.P, n, T, len(a.prompts) + 1) > budget
     n, T, budget = 8, 64, 4096
-    longest = infra.max_prompt_length(n, T, budget)
-    assert infra.call_tokens(longest, n, T) <= budget < infra.call_tokens(longest + 1, n, T)
-    assert [i for i, _ in infra.too_long([100, longest, longest + 1, 5000], n, T, budget)] == [2, 3]
+    longest = engine.max_prompt_length(n, T, budget)
+    assert engine.call_tokens(longest, n, T) <= budget < engine.call_tokens(longest + 1, n, T)
+    assert [i for i, _ in engine.too_long([100, longest, longest + 1, 5000], n, T, budget)] == [2, 3]
     with pytest.raises(ValueError, match="prompt 2"):
-        infra.plan_calls([100, longest, longest + 1], n, T, budget)
+        engine.plan_calls([100, longest, longest + 1], n, T, budget)
 
 
 def test_rollout_every_rank_runs_the_same_synced_calls(demo, mix):
@@ -1754,16 +1756,16 @@ def test_rollout_every_rank_runs_the_same_synced_calls(demo, mix):
     equally often (1 + n_calls), and the progress counts all ranks."""
     model, _, tok, _ = demo
     sp = sampler(tok, n=2)
-    budget = infra.call_tokens(max(lengths(mix)), 2, RT, 1)  # one prompt per call
+    budget = engine.call_tokens(max(lengths(mix)), 2, RT, 1)  # one prompt per call
     shards = [mix[0::3], mix[1::3], []]                       # 3 "ranks": 2, 2 and 0 prompts
-    plans = [infra.plan_calls(lengths(s), 2, RT, budget) for s in shards]
+    plans = [engine.plan_calls(lengths(s), 2, RT, budget) for s in shards]
     assert [len(p) for p in plans] == [2, 2, 0]
     for shard, plan in zip(shards, plans):
         sums, seen = [], []
         def all_sum(x):
             sums.append(x)
             return x * 3  # as if the 3 ranks held the same
-        out = infra.generate(model, shard, sp, plan, pad_id=tok.pad_id, n_calls=2, all_sum=all_sum,
+        out = engine.generate(model, shard, sp, plan, pad_id=tok.pad_id, n_calls=2, all_sum=all_sum,
                              progress=seen.append, progress_every=0)
         assert len(sums) == 3 and len(out.responses) == 2 * len(shard)
         assert all(s["prompts_total"] == 3 * len(shard) for s in seen)
@@ -1777,7 +1779,7 @@ def test_rollout_too_long_prompt_is_reported_at_validation(tmp_path, capsys):
     rows[1]["prompt"] = "<image>" + "count the squares " * 60 + rows[1]["prompt"].replace("<image>", "")
     data = write_jsonl(tmp_path / "t.jsonl", rows)
     # G = 4 samples of 48 tokens: the 89-token prompts need 288 positions, row 2 more than 400
-    argv = flags(tmp_path / "o", "--data", data, "--rollout-max-tokens", "400", steps=1)
+    argv = run_flags(tmp_path / "o", "--data", data, "--rollout-max-tokens", "400", steps=1)
     with pytest.raises(SystemExit, match=r"row 2, field 'prompt': \d+ tokens need \d+ KV positions "
                                          r"with 4 samples .* > --rollout-max-tokens 400"):
         calibrl.main(argv)
@@ -1798,14 +1800,14 @@ def test_rollout_interrupt_ends_it_early(demo, mix):
     def interrupt():
         checks.append(1)
         return len(checks) > 5
-    budget = infra.call_tokens(max(lengths(mix)), RG, 40, 2)
-    out = engine(model, tok, mix, sp, budget, interrupt=interrupt)
+    budget = engine.call_tokens(max(lengths(mix)), RG, 40, 2)
+    out = run_engine(model, tok, mix, sp, budget, interrupt=interrupt)
     assert out.interrupted and len(checks) == 6
-    calls = infra.plan_calls(lengths(mix), RG, 40, budget)
+    calls = engine.plan_calls(lengths(mix), RG, 40, budget)
     first = [p * RG + g for p in calls[0].prompts for g in range(RG)]
     assert all(0 < len(out.responses[i]) <= 5 for i in first)             # tokens 0..4, then cut
     assert all(len(r) == 0 for i, r in enumerate(out.responses) if i not in first)  # never ran
-    assert not engine(model, tok, mix, sp, budget, interrupt=lambda: False).interrupted
+    assert not run_engine(model, tok, mix, sp, budget, interrupt=lambda: False).interrupted
 
 
 def test_rollout_progress_is_rare_and_rank_0s(demo, mix, capsys):
@@ -1813,14 +1815,14 @@ def test_rollout_progress_is_rare_and_rank_0s(demo, mix, capsys):
     prints one line on rank 0."""
     model, _, tok, _ = demo
     seen = []
-    engine(model, tok, mix, sampler(tok), progress=seen.append, progress_every=0)
+    run_engine(model, tok, mix, sampler(tok), progress=seen.append, progress_every=0)
     assert seen and seen[-1]["prompts_total"] == len(mix)
     assert [s["tokens"] for s in seen] == sorted(s["tokens"] for s in seen)
     assert all(set(s) == {"prompts", "prompts_total", "tokens", "seconds", "tokens_per_sec"} for s in seen)
     quiet = []
-    engine(model, tok, mix, sampler(tok), progress=quiet.append)  # default: every 10 s
+    run_engine(model, tok, mix, sampler(tok), progress=quiet.append)  # default: every 10 s
     assert not quiet
-    infra.show_progress(seen[-1])
+    engine.show_progress(seen[-1])
     assert "rollout (rank 0)" in capsys.readouterr().out
 
 
@@ -1829,8 +1831,8 @@ def test_rollout_static_step_matches_eager(demo, mix):
     updated in place), run eagerly on the CPU, samples what the eager step samples."""
     model, _, tok, _ = demo
     sp = sampler(tok)
-    a = engine(model, tok, mix, sp, seed=5, compact=False)
-    b = engine(model, tok, mix, sp, seed=5, static=True)
+    a = run_engine(model, tok, mix, sp, seed=5, compact=False)
+    b = run_engine(model, tok, mix, sp, seed=5, static=True)
     assert n_same(a.responses, b.responses) >= len(a.responses) - 2  # fp32: a draw may move
 
 
@@ -1839,13 +1841,13 @@ def test_rollout_cuda_graph_matches_eager():
     import warnings
     model, proc, tok, _ = calibrl.load_model(calibrl.DEMO_MODEL, torch.float32, "cuda")
     encs, greedy = mixed_prompts(proc, 4), sampler(tok, n=1, greedy=True)
-    ref = engine(model, tok, encs, greedy)
+    ref = run_engine(model, tok, encs, greedy)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert n_same(ref.responses, engine(model, tok, encs, greedy, cuda_graph=True).responses) \
+        assert n_same(ref.responses, run_engine(model, tok, encs, greedy, cuda_graph=True).responses) \
             == len(ref.responses)
-        a = engine(model, tok, encs, sampler(tok), seed=2, compact=False)
-        b = engine(model, tok, encs, sampler(tok), seed=2, cuda_graph=True)
+        a = run_engine(model, tok, encs, sampler(tok), seed=2, compact=False)
+        b = run_engine(model, tok, encs, sampler(tok), seed=2, cuda_graph=True)
     assert not [w for w in caught if "rollout engine" in str(w.message)], [str(w.message) for w in caught]
     assert n_same(a.responses, b.responses) >= len(a.responses) - 2
 
@@ -1859,9 +1861,9 @@ def test_rollout_text_only_lm_greedy_matches_generate():
                                          num_key_value_heads=2)).eval()
     encs = [{"input_ids": torch.randint(20, 300, (1, n)), "attention_mask": torch.ones(1, n, dtype=torch.long)}
             for n in (7, 30, 18)]
-    sp = infra.Sampling(1, RT, greedy=True, stop_ids=(3,))
+    sp = sampling.Sampling(1, RT, greedy=True, stop_ids=(3,))
     ref = bench_rollout().today_generate(model, encs, sp, 0, 3, "cpu")
-    assert n_same(ref, engine(model, type("Tok", (), {"pad_id": 0}), encs, sp).responses) == 3
+    assert n_same(ref, run_engine(model, type("Tok", (), {"pad_id": 0}), encs, sp).responses) == 3
 
 
 def test_rollout_metrics_every_step(tmp_path):
@@ -1881,13 +1883,13 @@ def test_rollout_in_training_mode_with_gradient_checkpointing(demo, mix):
     in eval mode and gives the model back in the mode it came in."""
     model, _, tok, _ = calibrl.load_model(calibrl.DEMO_MODEL, torch.float32, "cpu")
     sp = sampler(tok, n=1, greedy=True)
-    ref = engine(model.eval(), tok, mix, sp)
+    ref = run_engine(model.eval(), tok, mix, sp)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    out = engine(model.train(), tok, mix, sp)
+    out = run_engine(model.train(), tok, mix, sp)
     assert model.training and n_same(ref.responses, out.responses) == len(mix)
 
 # -----------------------------------------------------------------------------
-# Packed micro-batches: the token-budget plan, the packed pi_old pass and update against the
+# infra/packing.py: the token-budget plan, the packed pi_old pass and update against the
 # padded ones in float64, the shared vision forward, rank-count independence, one step both ways.
 
 import random  # noqa: E402
@@ -1914,7 +1916,7 @@ def lognormal_rows(n_groups, G, seed, mean=60, cap=400, prompt=(30, 200)):
 @pytest.mark.parametrize("budget", [450, 1000, 4096])
 def test_pack_plan_budget_every_row_once_equal_forwards(budget):
     ranks = [lognormal_rows(n, 9, seed) for seed, n in enumerate([7, 3, 5])]
-    plans = [infra.plan_micro_batches(t, g, budget) for t, g in ranks]
+    plans = [packing.plan_micro_batches(t, g, budget) for t, g in ranks]
     n = max(len(p) for p in plans)  # what in_step's all-reduce max agrees on
     for (tokens, groups), plan in zip(ranks, plans):
         padded = plan + [None] * (n - len(plan))  # in_step: dummy work is None (weight 0)
@@ -1923,24 +1925,24 @@ def test_pack_plan_budget_every_row_once_equal_forwards(budget):
         assert all(sum(tokens[i] for i in mb) <= budget for mb in plan), "a micro-batch over the budget"
         assert len(plan) <= -(-sum(tokens) // budget) + 1, "more than one forward above the lower bound"
     # keeping groups whole where it costs no forward: four groups of 3 x 30 tokens, budget 200
-    plan = infra.plan_micro_batches([30] * 12, [i // 3 for i in range(12)], 200)
+    plan = packing.plan_micro_batches([30] * 12, [i // 3 for i in range(12)], 200)
     assert plan == [[0, 1, 2, 6, 7, 8], [3, 4, 5, 9, 10, 11]]
     # a row longer than half the budget keeps its group whole; a group over the budget is cut in two
-    assert infra.plan_micro_batches([130, 20, 20, 20, 20], [0, 0, 1, 1, 2], 200) == [[0, 1], [2, 3, 4]]
-    assert infra.plan_micro_batches([90, 90, 90, 10], [0, 0, 0, 1], 200) == [[0, 1], [2, 3]]
+    assert packing.plan_micro_batches([130, 20, 20, 20, 20], [0, 0, 1, 1, 2], 200) == [[0, 1], [2, 3, 4]]
+    assert packing.plan_micro_batches([90, 90, 90, 10], [0, 0, 0, 1], 200) == [[0, 1], [2, 3]]
     with pytest.raises(ValueError, match="row 1 has 300 tokens"):
-        infra.plan_micro_batches([10, 300], [0, 0], 256)
-    assert infra.in_step(infra.plan_micro_batches([], [], 100)) == []
+        packing.plan_micro_batches([10, 300], [0, 0], 256)
+    assert distributed.in_step(packing.plan_micro_batches([], [], 100)) == []
 
 
 def test_pack_budget_is_checked_before_the_model_loads():
     args = calibrl.parse_args(["--max-tokens-per-micro-batch", "500"])  # < 512 + 48
     with pytest.raises(SystemExit, match="raise it to at least 560"):
-        infra.check_args(args, 1)
-    infra.check_args(calibrl.parse_args(["--max-tokens-per-micro-batch", "500", "--pack", "off"]), 1)
+        flags.check_args(args, 1)
+    flags.check_args(calibrl.parse_args(["--max-tokens-per-micro-batch", "500", "--pack", "off"]), 1)
     paper = calibrl.parse_args(["--preset", "paper"])
     assert paper.max_tokens_per_micro_batch >= paper.max_prompt_length + paper.max_response_length
-    infra.check_args(paper, 8)
+    flags.check_args(paper, 8)
 
 
 @pytest.fixture(scope="module")
@@ -2088,10 +2090,10 @@ def test_shared_vision_forward_equals_per_row(tiny64, float64_throughout):
     out = {}
     for share in (True, False):
         encs = [g.enc if share else dict(g.enc) for _, g in rows]
-        pack = infra.pack_rows(model, encs, [r.resp for r, _ in rows])
+        pack = packing.pack_rows(model, encs, [r.resp for r, _ in rows])
         logp, entropy = policy(pack)                                                 # (R, T) each
         (logp.sum() + 0.1 * entropy.sum()).backward()
-        out[share] = logp, entropy, GrabGrads(model), len(pack.image_grid_thw)
+        out[share] = logp, entropy, GrabGrads(model), len(pack.images["image_grid_thw"])
         out[share][2].step()
         model.zero_grad(set_to_none=True)
     (lp, en, g, n), (lp2, en2, g2, n2) = out[True], out[False]
@@ -2100,7 +2102,7 @@ def test_shared_vision_forward_equals_per_row(tiny64, float64_throughout):
     assert any(k.startswith("model.visual") for k in g.grads[0])
     for k, v in g.grads[0].items():
         close(g2.grads[0][k], v, PACK_TOL, f"gradient {k}")
-    assert (n, n2) == (4, sum(infra.num_images(g.enc) for _, g in rows))
+    assert (n, n2) == (4, sum(family.num_images(g.enc) for _, g in rows))
 
 
 def test_packed_rows_without_images_still_run_the_vision_tower_under_torchrun(tiny64, monkeypatch):
@@ -2110,11 +2112,11 @@ def test_packed_rows_without_images_still_run_the_vision_tower_under_torchrun(ti
     model, processor, tok = tiny64
     group = pack_groups(processor)[3]                                     # the prompt without images
     policy = calibrl.Policy(model, 1.0, tok.suppress_ids, fused=False)
-    pack = infra.pack_rows(model, [group.enc] * 4, [r.resp for r in group.all_rows()])
-    assert pack.pixel_values is None
+    pack = packing.pack_rows(model, [group.enc] * 4, [r.resp for r in group.all_rows()])
+    assert pack.images is None
     out = {}
     for ranks in (False, True):
-        monkeypatch.setattr(infra, "distributed", lambda: ranks)
+        monkeypatch.setattr(distributed, "active", lambda: ranks)
         logp, _ = policy(pack)
         logp.sum().backward()
         out[ranks] = logp.detach(), GrabGrads(model)
@@ -2133,13 +2135,13 @@ def test_packed_attention_leaves_generate_and_the_padded_forward_unchanged(tiny6
     sampling (left-padded prompts, the cache) and the padded forward are bit for bit what they were."""
     model, processor, tok = tiny64
     groups = pack_groups(processor)
-    config = infra.text_decoder(model).config
-    assert config._attn_implementation == infra.PACKED_ATTENTION
+    config = family.of(model).text_decoder().config
+    assert config._attn_implementation == packing.PACKED_ATTENTION
     prompts, _ = calibrl.collate([g.enc for g in groups], None, tok.pad_id, "cpu")
     batch, _ = calibrl.collate([g.enc for g in groups], [g.rows[0].resp for g in groups], tok.pad_id, "cpu")
     out = {}
     try:
-        for name in ("sdpa", infra.PACKED_ATTENTION):
+        for name in ("sdpa", packing.PACKED_ATTENTION):
             config._attn_implementation = name
             torch.manual_seed(0)
             with torch.no_grad():
@@ -2147,9 +2149,9 @@ def test_packed_attention_leaves_generate_and_the_padded_forward_unchanged(tiny6
                                       suppress_tokens=tok.suppress_ids, pad_token_id=tok.pad_id)
                 out[name] = seqs, model.model(**batch, use_cache=False).last_hidden_state
     finally:
-        config._attn_implementation = infra.PACKED_ATTENTION
-    assert torch.equal(out["sdpa"][0], out[infra.PACKED_ATTENTION][0])
-    assert torch.equal(out["sdpa"][1], out[infra.PACKED_ATTENTION][1])
+        config._attn_implementation = packing.PACKED_ATTENTION
+    assert torch.equal(out["sdpa"][0], out[packing.PACKED_ATTENTION][0])
+    assert torch.equal(out["sdpa"][1], out[packing.PACKED_ATTENTION][1])
 
 
 def test_pack_on_and_off_train_alike(tmp_path):
@@ -2167,7 +2169,7 @@ def test_pack_on_and_off_train_alike(tmp_path):
     assert on["perf/vision_encodes"] <= 2 < off["perf/vision_encodes"]
     assert on["mem/peak_gb"] > 0 and off["mem/peak_gb"] > 0
     config = open(tmp_path / "on" / "checkpoint-1" / "config.json").read()
-    assert infra.PACKED_ATTENTION not in config                       # the checkpoint loads anywhere
+    assert packing.PACKED_ATTENTION not in config                       # the checkpoint loads anywhere
 
 
 def test_packed_update_is_independent_of_the_number_of_ranks(tmp_path):
@@ -2177,7 +2179,7 @@ def test_packed_update_is_independent_of_the_number_of_ranks(tmp_path):
     script = tmp_path / "fixed_update_packed.py"
     src = FIXED_ROLLOUT_UPDATE.replace('"--micro-batch-size", "3"', '"--max-tokens-per-micro-batch", "220"')
     src = src.replace('for algo in ("calibrl", "luffy"):', 'for algo in ("calibrl",):')  # half the time
-    src = src.replace("if rank == 0:\n", "result['padding'] = torch.tensor(infra.all_sum(infra.FORWARDS['padding']))\n"
+    src = src.replace("if rank == 0:\n", "result['padding'] = torch.tensor(distributed.all_sum(packing.FORWARDS['padding']))\n"
                       "if rank == 0:\n")
     assert "220" in src and "padding" in src and '("calibrl",)' in src
     script.write_text(src)

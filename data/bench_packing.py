@@ -84,7 +84,7 @@ def run(cfgs):
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
     sys.path.insert(0, ROOT)
     import calibrl
-    import infra
+    from infra import family, packing
     c0 = cfgs[0]
     device = torch.device(c0["device"])
     model, processor, tok, _ = calibrl.load_model(c0["model"] or calibrl.DEMO_MODEL,
@@ -98,8 +98,8 @@ def run(cfgs):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sched = type("Constant", (), {"step": lambda self: None})()
     def counted():
-        n = dict(infra.FORWARDS)
-        infra.FORWARDS.update(positions=0, padding=0, images=0)
+        n = dict(packing.FORWARDS)
+        packing.FORWARDS.update(positions=0, padding=0, images=0)
         return n["positions"], n["padding"], n["images"]
 
     def one(cfg, groups, opt, out):
@@ -117,7 +117,7 @@ def run(cfgs):
         gc.collect()
         sync()
         mem0 = torch.cuda.memory_allocated(device) / 2 ** 20 if device.type == "cuda" else rss_mb()
-        infra.perf_metrics([], device)  # the counters and the CUDA peak start afresh
+        packing.perf_metrics([], device)  # the counters and the CUDA peak start afresh
         if cfg["passes"] == "both":
             model.eval()
             t = time.perf_counter()
@@ -145,7 +145,7 @@ def run(cfgs):
         groups = make_groups(processor, tok, cfg)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
         out = dict(cfg, rows=sum(len(g.all_rows()) for g in groups),
-                   images=sum(infra.num_images(g.enc) for g in groups),
+                   images=sum(family.num_images(g.enc) for g in groups),
                    response_tokens=sum(len(r.resp) for g in groups for r in g.all_rows()))
         try:
             one(cfg, groups, opt, out)

@@ -1,5 +1,5 @@
 """
-bench_rollout.py -- calibrl's former rollout against the rollout engine (infra.generate, what
+bench_rollout.py -- calibrl's former rollout against the rollout engine (infra/engine.py, what
 calibrl.generate runs now), on the same prompts and seed: tokens/s, peak memory, and whether the
 sampled tokens are identical.
 
@@ -139,7 +139,7 @@ def rss_gb():
 def worker(cfg, out_path):
     import torch
     import calibrl
-    import infra
+    from infra import distributed, engine, sampling
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     device = torch.device("cuda" if cfg["gpu"] and not cfg["smoke"] else "cpu")
     tiny, proc, tok, _ = calibrl.load_model(calibrl.DEMO_MODEL, torch.float32, "cpu")
@@ -168,22 +168,22 @@ def worker(cfg, out_path):
     stop_ids = tok.stop_ids
     if cfg["ignore_eos"]:  # a stop id never sampled (a suppressed one): every response has T tokens
         stop_ids = [tok.suppress_ids[0]]
-    sp = infra.Sampling(cfg["G"], cfg["T"], stop_ids=stop_ids, suppress_ids=tok.suppress_ids)
+    sp = sampling.Sampling(cfg["G"], cfg["T"], stop_ids=stop_ids, suppress_ids=tok.suppress_ids)
     lens = [e["input_ids"].shape[1] for e in encs]
-    budget = (infra.call_tokens(max(lens), sp.n, sp.max_new_tokens, cfg["budget_prompts"])
+    budget = (engine.call_tokens(max(lens), sp.n, sp.max_new_tokens, cfg["budget_prompts"])
               if cfg["budget_prompts"] else 0)
 
     def run(encs, sp, seed):
         torch.manual_seed(seed)
         if cfg["path"] == "today":
             return today_generate(model, encs, sp, tok.pad_id, cfg["batch_prompts"], device), {}
-        calls = infra.plan_calls([e["input_ids"].shape[1] for e in encs], sp.n,
+        calls = engine.plan_calls([e["input_ids"].shape[1] for e in encs], sp.n,
                                  sp.max_new_tokens, budget)
-        r = infra.generate(model, encs, sp, calls, pad_id=tok.pad_id, compact=cfg["compact"],
+        r = engine.generate(model, encs, sp, calls, pad_id=tok.pad_id, compact=cfg["compact"],
                            cuda_graph=cfg["cuda_graph"], progress=None)
         return r.responses, r.stats
 
-    run(encs[:1], infra.Sampling(**{**sp.__dict__, "max_new_tokens": 4}), 1)  # warm-up
+    run(encs[:1], sampling.Sampling(**{**sp.__dict__, "max_new_tokens": 4}), 1)  # warm-up
     rss0, dt = rss_gb(), float("inf")
     for _ in range(cfg["repeats"]):  # the same run (same seed) again: the fastest, on shared CPUs
         if device.type == "cuda":
@@ -201,7 +201,7 @@ def worker(cfg, out_path):
                max_call_tokens=stats.get("perf/rollout_max_call_tokens"),
                decode_rows=[stats.get("rollout/decode_rows"),
                             stats.get("rollout/decode_rows_dense")],
-               peak_gb=infra.peak_memory_gb(device), rss_before_gb=rss0, device=str(device),
+               peak_gb=distributed.peak_memory_gb(device), rss_before_gb=rss0, device=str(device),
                versions=dict(torch=str(torch.__version__),
                              transformers=__import__("transformers").__version__))
     text = model.config.get_text_config()

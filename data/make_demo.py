@@ -22,7 +22,7 @@ The format, copying and arithmetic stay sharp; most errors are wrong counts (rea
 which is what RL has to fix.
 
 The prompt (the instruction included), its encoding, the trainer's batch layout and the reward
-come from calibrl.py / infra.py, so the warm start sees exactly what the trainer will.
+come from calibrl.py / infra/, so the warm start sees exactly what the trainer will.
 
 Run:  python data/make_demo.py            (a few minutes on 2 CPU cores)
       python data/make_demo.py --out DIR  (the same into DIR/demo and DIR/tiny-qwen2.5-vl)
@@ -47,7 +47,7 @@ from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import calibrl  # noqa: E402  (the trainer: prompt, encoding, batch layout, reward)
-import infra  # noqa: E402
+from infra import dataset, family  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_DIR = os.path.join(HERE, "demo")
@@ -84,7 +84,7 @@ TEXT_CHAT_TEMPLATE = (
 # ----------------------------------------------------------------------------- prompt format
 def example(row, base_dir):
     """A demo row -> the trainer's example: chat messages with the instruction, image paths."""
-    messages = calibrl.with_instruction([{"role": "user", "content": infra.to_parts(row["prompt"])}])
+    messages = calibrl.with_instruction([{"role": "user", "content": dataset.to_parts(row["prompt"])}])
     return dict(messages=messages, images=[{"path": os.path.join(base_dir, p)} for p in row["images"]])
 
 
@@ -415,7 +415,7 @@ def main():
     print(f"vocab {len(tok)}  params {n_params}  data written in {time.time() - t_start:.1f}s")
     steps = warm_start(model, tok, proc, rows["train"], DEMO_DIR)
     save_model_dir(model, proc, MODEL_DIR)
-    proc = infra.load_processor(MODEL_DIR, AutoConfig.from_pretrained(MODEL_DIR))  # the saved folder loads
+    proc = family.load_processor(MODEL_DIR, AutoConfig.from_pretrained(MODEL_DIR))  # the saved folder loads
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(MODEL_DIR, dtype=torch.float32)
     check_processor(proc, rows["val"][0])
     torch.manual_seed(SEED)

@@ -37,8 +37,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import calibrl  # noqa: E402  (sets TRITON_INTERPRET=1 without CUDA, before triton is imported)
-import infra  # noqa: E402
-fused = infra.fused_ops()  # kernels/fused_calibrl.py, loaded by path (kernels/ is no package)
+from infra import flags  # noqa: E402
+fused = flags.fused_ops()  # kernels/fused_calibrl.py, loaded by path (kernels/ is no package)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

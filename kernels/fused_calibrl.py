@@ -1,6 +1,6 @@
 """
 fused_calibrl.py -- the LM head, log-softmax, Eq. A and the CalibRL loss (Eq. C) in Triton, without
-materialising the logits. Loaded by path (kernels/ is no package): `fused = infra.fused_ops()`.
+materialising the logits. Loaded by path (kernels/ is no package): `infra.flags.fused_ops()`.
 
     logp, ent = fused.fused_logprobs(hidden, W, targets, temperature)    # pi_old, l^E, entropy
     loss, metrics = fused.fused_policy_loss(hidden, W, targets, old_logp, mask, rewards, group_ids,

@@ -32,8 +32,8 @@ import calibrl  # noqa: E402  (TRITON_INTERPRET=1 without CUDA, before triton is
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-import infra  # noqa: E402
-fc = infra.fused_ops()
+from infra import flags  # noqa: E402
+fc = flags.fused_ops()
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 VISION_IDS = [151652, 151653, 151654, 151655, 151656]   # Qwen2.5-VL vision start / end / pad, image / video pad
 

@@ -1,0 +1,153 @@
+"""
+infra/family.py -- what the machinery must know about a model family, in one place.
+
+The rollout engine, packing and FSDP2 sharding ask a model the same questions: the positions of a
+prompt, the image inputs of some prompts, how many features an image yields and which tokens
+receive them, which module is the vision tower, which ids are image structure (never sampled).
+Each family answers them in one class below, so that a second family is one new class here, not
+`if` branches across the engine and packing. of(model) picks the class.
+
+  Text      a text-only causal LM: positions 0 .. n-1, no images
+  QwenVL    Qwen2-VL / Qwen2.5-VL: 3-axis M-RoPE positions (image tokens get 2-D grid positions,
+            get_rope_index), images as pixel_values (patches, C) + image_grid_thw (images, 3),
+            one feature per merged spatial_merge_size^2 patch, the vision tower `visual`
+
+Also here: load_processor, a model folder's processor (Qwen2-VL's without torchvision).
+Shapes: n prompt tokens, A rotary axes, b rows, q positions a row, F image features, H hidden size.
+"""
+import torch
+
+
+def load_processor(path, config):
+    """The processor of a model folder; the tokenizer alone for a text-only LM."""
+    import transformers
+    from transformers import AutoProcessor, AutoTokenizer
+    if not hasattr(config, "vision_config"):
+        return AutoTokenizer.from_pretrained(path)
+    try:
+        proc = AutoProcessor.from_pretrained(path)
+        if hasattr(proc, "image_processor"):
+            return proc
+    except (ImportError, ValueError, OSError, AttributeError):
+        pass
+    # Without torchvision, Qwen2-VL-family processors fail on their video processor. The same class
+    # with an __init__ that takes no video processor handles images identically; it keeps the base
+    # class's name, so its saved processor_config.json loads as the real one with torchvision.
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+    base = getattr(transformers, PROCESSOR_MAPPING_NAMES[config.model_type])
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kw):
+        base.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kw)
+    return type(base.__name__, (base,), {"__init__": __init__}).from_pretrained(path)
+
+
+def num_images(enc):
+    """Images in one prompt encoding (perf/vision_encodes counts them)."""
+    return len(enc["image_grid_thw"]) if enc.get("image_grid_thw") is not None else 0
+
+
+class Text:
+    """A text-only causal LM (and the answers every family shares)."""
+    axes = 1                                  # A: one rotary axis
+    image_token_id = None                     # the token an image feature replaces
+
+    def __init__(self, model):
+        self.model, self.config = model, model.config
+
+    def vision_ids(self):
+        """Image-structure ids: never sampled, excluded from every log-prob (departure 11)."""
+        return []
+
+    def positions(self, enc):
+        """One unpadded prompt -> (pos (A, n) long, delta int): the k-th generated token has
+        position n + k + delta on every axis (transformers' rope_deltas)."""
+        return torch.arange(enc["input_ids"].shape[1])[None], 0
+
+    def position_ids(self, pos):
+        """pos (A, b, q) -> the decoder forward's position_ids: (b, q) for one axis."""
+        return pos[0]
+
+    def num_features(self, enc):
+        """Image features the prompt's images yield (= its image tokens)."""
+        return 0
+
+    def image_inputs(self, encs):
+        """The images of these prompt encodings, in order, as the model's forward takes them."""
+        return {}
+
+    def text_decoder(self):
+        """The decoder that takes inputs_embeds."""
+        return self.model.model
+
+    def is_vision_tower(self, name):
+        """Whether the module of this name is the vision tower (its own FSDP2 unit)."""
+        return False
+
+
+class QwenVL(Text):
+    """Qwen2-VL and Qwen2.5-VL (transformers' classes; the checkpoints' processors)."""
+    axes = 3                                  # M-RoPE: temporal, height, width
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.image_token_id = self.config.image_token_id
+        self.merge = self.config.vision_config.spatial_merge_size
+
+    def vision_ids(self):
+        names = ("image_token_id", "video_token_id", "vision_start_token_id",
+                 "vision_end_token_id", "vision_token_id")
+        return sorted({i for i in (getattr(self.config, k, None) for k in names)
+                       if isinstance(i, int)})
+
+    def positions(self, enc):
+        ids = enc["input_ids"]                                                   # (1, n)
+        mm = enc.get("mm_token_type_ids")
+        mm = torch.zeros_like(ids) if mm is None else mm
+        pos, delta = self.model.model.get_rope_index(
+            ids, mm_token_type_ids=mm, image_grid_thw=enc.get("image_grid_thw"),
+            attention_mask=enc.get("attention_mask"))                           # (3, 1, n), (1, 1)
+        return pos[:, 0], int(delta.reshape(-1)[0])
+
+    def position_ids(self, pos):
+        return pos                                                               # (3, b, q)
+
+    def num_features(self, enc):
+        grid = enc.get("image_grid_thw")                                         # (images, 3)
+        return int((grid.prod(-1) // self.merge ** 2).sum()) if grid is not None else 0
+
+    def image_inputs(self, encs):
+        encs = [e for e in encs if e.get("pixel_values") is not None]
+        if not encs:
+            return {}
+        return dict(pixel_values=torch.cat([e["pixel_values"] for e in encs]),   # (patches, C)
+                    image_grid_thw=torch.cat([e["image_grid_thw"] for e in encs]))  # (images, 3)
+
+    def image_features(self, pixel_values, image_grid_thw):
+        """image_inputs -> (F, H) merged image features in image order (one vision pass)."""
+        out = self.model.model.get_image_features(pixel_values, image_grid_thw)
+        feats = getattr(out, "pooler_output", out)  # 5.x: pooler_output holds one per image
+        return torch.cat(feats) if isinstance(feats, (list, tuple)) else feats
+
+    def blank_features(self, like):
+        """The features of a blank image of one merged patch (1, H), for a rank without images
+        under torchrun: its vision tower must still run (FSDP's gathers pair up across ranks)."""
+        vc, m = self.config.vision_config, self.merge
+        C = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+        return self.image_features(like.new_zeros(m * m, C),
+                                   torch.tensor([[1, m, m]], device=like.device))
+
+    def text_decoder(self):
+        return self.model.model.language_model
+
+    def is_vision_tower(self, name):
+        return name.endswith("visual")
+
+
+def of(model):
+    """The family block of a transformers model (unwrapped: FSDP2 keeps the class)."""
+    if not hasattr(model.config, "vision_config"):
+        return Text(model)
+    if hasattr(model.model, "get_rope_index"):
+        return QwenVL(model)
+    raise NotImplementedError(f"{type(model).__name__}: no model-family block in infra/family.py "
+                              "(there: Qwen2-VL / Qwen2.5-VL and text-only LMs)")
