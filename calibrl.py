@@ -354,7 +354,7 @@ def sampling_config(args, tok, n, greedy=False):
     --max-response-length tokens. Nothing else shapes it, whatever the model folder's
     generation_config.json holds (departure 11)."""
     return sampling.Sampling(n, args.max_response_length, args.temperature, args.top_p, greedy,
-                          tok.stop_ids, tok.suppress_ids)
+                             tok.stop_ids, tok.suppress_ids)
 
 @torch.no_grad()
 def generate(policy, tok, encs, n, args, greedy=False, interrupt=None):
@@ -363,7 +363,7 @@ def generate(policy, tok, encs, n, args, greedy=False, interrupt=None):
     .stats. Call inside distributed.gathered(policy): the weights are whole while decoding."""
     # memory by budget: calls of similar-length prompts, each prompt's KV once + n * T positions
     calls = engine.plan_calls([e["input_ids"].shape[1] for e in encs], n, args.max_response_length,
-                             args.rollout_max_tokens)
+                              args.rollout_max_tokens)
     sp = sampling_config(args, tok, n, greedy)
     # the engine runs in policy's forward (FSDP2's root); a closure, so that FSDP2 does not move
     # every prompt's images to the GPU at once
@@ -453,7 +453,7 @@ def micro_batches(rows, stand_in, args, model, pad_id, device):
     if packed:  # a row costs its prompt + response tokens; a group shares one vision forward
         tokens = [g.enc["input_ids"].shape[1] + len(r.resp) for r, g in rows]
         chunks = packing.packed_micro_batches(rows, tokens, [id(g) for _, g in rows],
-                                            args.max_tokens_per_micro_batch)
+                                              args.max_tokens_per_micro_batch)
     else:
         chunks = packing.micro_batches(rows, args.micro_batch_size)
     for chunk in chunks:
