@@ -42,8 +42,9 @@ Departures from the paper and the official code (the README explains each):
 
 The machinery that is not the algorithm lives in infra/, one concern a file, imported by name:
 family (what differs per model family), distributed (torchrun, FSDP2), sampling, engine (the
-rollout engine), packing (micro-batches), checker (the answer checker's sandbox), dataset (rows
-checked up front), rundir (lock, stop signals, exit), metrics, checkpoints, flags.
+rollout engine), vllm_rollout (the rollout on vLLM, --rollout vllm), packing (micro-batches),
+checker (the answer checker's sandbox), dataset (rows checked up front), rundir (lock, stop
+signals, exit), metrics, checkpoints, flags.
 """
 import argparse
 import dataclasses
@@ -61,7 +62,7 @@ if not torch.cuda.is_available():  # the fused kernels run in Triton's interpret
 
 # the machinery (after the switch above: transformers may import triton); one room a concern
 from infra import (checker, checkpoints, dataset, distributed, engine, family,  # noqa: E402
-                   flags, metrics, packing, rundir, sampling)
+                   flags, metrics, packing, rundir, sampling, vllm_rollout)
 
 # -----------------------------------------------------------------------------
 # Configuration: one block; every field is a --flag and its help string is the field's docstring.
@@ -101,6 +102,10 @@ class Args:
     max_tokens_per_micro_batch: int = arg(8192, "--pack on: tokens (prompt + response) per forward")
     rollout_max_tokens: int = arg(65536, "KV positions per rollout call: prompt + G responses each")
     rollout_cuda_graph: bool = arg(False, "decode with a CUDA graph (not yet measured on a GPU)")
+    rollout: str = arg("engine", "who samples: infra/engine.py, or vLLM", ["engine", "vllm"])
+    vllm_gpu_memory: float = arg(0.5, "--rollout vllm: GPU memory share of vLLM's weights and KV")
+    vllm_max_seqs: int = arg(256, "--rollout vllm: sequences vLLM decodes at once")
+    vllm_max_batched_tokens: int = arg(16384, "--rollout vllm: tokens a vLLM step takes at most")
     ppo_epochs: int = arg(1, "passes over the step's rollouts")
     lr: float = arg(1e-4, "AdamW learning rate (constant after warm-up)")
     warmup_steps: int = arg(0, "optimizer steps of linear learning-rate warm-up")
@@ -235,7 +240,8 @@ def encode_prompt(processor, ex, is_vlm):
     text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     if is_vlm:
         images = [dataset.open_image(r) for r in ex["images"]]
-        return dict(processor(text=[text], images=images or None, return_tensors="pt"))
+        enc = dict(processor(text=[text], images=images or None, return_tensors="pt"))
+        return {**enc, "images": images}  # the PIL images too: vLLM processes them itself
     return dict(processor([text], return_tensors="pt", add_special_tokens=False))
 
 def load_examples(path, args, processor, tok, is_vlm, say=print, train=True):
@@ -357,26 +363,29 @@ def sampling_config(args, tok, n, greedy=False):
                              tok.stop_ids, tok.suppress_ids)
 
 @torch.no_grad()
-def generate(policy, tok, encs, n, args, greedy=False, interrupt=None):
+def generate(policy, tok, encs, n, args, greedy=False, interrupt=None, key="eval"):
     """n responses per prompt -> engine.Rollout: .responses [(T_i,) LongTensor] * (len(encs) * n),
     each ending in a stop id unless truncated, .logprobs the sampler's log-prob of each token,
-    .stats. Call inside distributed.gathered(policy): the weights are whole while decoding."""
+    .stats. Call inside distributed.gathered(policy): the weights are whole while decoding.
+    key: the step, or "eval": --rollout vllm seeds each request from it (infra/vllm_rollout)."""
     # memory by budget: calls of similar-length prompts, each prompt's KV once + n * T positions
     calls = engine.plan_calls([e["input_ids"].shape[1] for e in encs], n, args.max_response_length,
                               args.rollout_max_tokens)
     sp = sampling_config(args, tok, n, greedy)
+    if args.rollout == "vllm":  # vLLM, its weights synced first; key (the step) seeds its samples
+        return policy.vllm.generate(policy.model, encs, sp, key, interrupt)
     # the engine runs in policy's forward (FSDP2's root); a closure, so that FSDP2 does not move
     # every prompt's images to the GPU at once
     return policy(None, sampler=lambda model: engine.generate(
         model, encs, sp, calls, pad_id=tok.pad_id, interrupt=interrupt,
         cuda_graph=args.rollout_cuda_graph))
 
-def rollout(policy, tok, examples, encs, args):
+def rollout(policy, tok, examples, encs, args, step):
     """-> [Group]: G sampled responses per prompt, scored by the reward, and (unless grpo, and when
     the prompt has a solution) its expert row: the solution + end-of-turn (departure 9); and the
     rollout's metrics."""
     G = args.group_size
-    out = generate(policy, tok, encs, G, args, interrupt=rundir.STOP.requested)  # a stop: end now
+    out = generate(policy, tok, encs, G, args, interrupt=rundir.STOP.requested, key=step)  # a stop
     groups = []
     for p, (ex, enc) in enumerate(zip(examples, encs)):
         rows = [Row(out.responses[i], sample_logp=out.logprobs[i]) for i in range(p * G, p * G + G)]
@@ -629,7 +638,8 @@ def evaluate(policy, tok, processor, examples, args, device, is_vlm, rank, world
     w, mine = (1.0, mine) if mine else (0.0, examples[:1])  # none here: a stand-in, weight 0
     devices = [device] if device.type == "cuda" else []
     # seed 10_000 + ...: its own stream, and the training stream is left as it was
-    with torch.random.fork_rng(devices=devices), distributed.gathered(policy):
+    whole = args.rollout == "engine"  # vLLM holds its own copy of the weights (synced)
+    with torch.random.fork_rng(devices=devices), distributed.gathered(policy, whole):
         torch.manual_seed(10_000 + args.seed + rank)
         encs = [encode_prompt(processor, ex, is_vlm) for ex in mine]
         stop = rundir.STOP.requested  # a stop ends the evaluation early (it is then not logged)
@@ -669,6 +679,8 @@ def main(argv=None):
     policy = Policy(model, args.temperature, tok.suppress_ids, fused)
     if distributed.active():
         distributed.shard(policy, dtype, device)
+    if args.rollout == "vllm":  # one vLLM engine per rank, all ranks together
+        policy.vllm = vllm_rollout.Engine(model_path, model, processor, tok, args, dtype, device)
     eval_set = (load_examples(args.eval_data, args, processor, tok, is_vlm, say, train=False)
                 if args.eval_data else [])
     out_dir = rundir.prepare_output_dir(args, rank)  # refused if in use or holding an earlier run
@@ -713,8 +725,8 @@ def main(argv=None):
         try:  # a stop request abandons the rollout or the pi_old pass: no weight has moved yet
             # eval mode: no dropout, and gradient checkpointing (a training-mode feature) stays off
             model.eval()
-            with distributed.gathered(policy):
-                groups, rollout_stats = rollout(policy, tok, examples, encs, args)
+            with distributed.gathered(policy, args.rollout == "engine"):
+                groups, rollout_stats = rollout(policy, tok, examples, encs, args, step)
             t1 = time.time()
             rundir.STOP.check()  # an interrupted rollout returns early on its rank: all must agree
             old_logprobs(policy, groups, args, device, tok.pad_id)
@@ -741,6 +753,8 @@ def main(argv=None):
         logger.log(step, log)
         if first_dev > 1e-3:  # the self-check: pi_theta == pi_old before the first optimizer step
             say(f"warning: step {step}: |rho - 1| = {first_dev:.1e} at theta_old: paths differ?")
+        if args.rollout == "vllm":  # its log-probs of its samples should be pi_old's
+            vllm_rollout.check_gap(step, log, dtype, args.top_p, say)
         checkpoints.check_weights(policy, step, out_dir)  # non-finite weights stop the run, unsaved
         bad_streak = bad_streak + 1 if log["loss/skipped_frac"] > 0 else 0
         if eval_set and args.eval_every and (step % args.eval_every == 0 or step == args.steps):

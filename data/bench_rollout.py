@@ -128,6 +128,34 @@ def today_generate(model, encs, sp, pad_id, batch_prompts, device):
     return out
 
 
+def tiny_text_model(out_dir, generation_config=None):
+    """A randomly initialised Qwen2 text LM that vLLM's CPU attention accepts (head_dim 64: hidden
+    128, 2 heads, 1 KV head, 2 layers; the demo's 16 is refused) with the demo tokenizer and a
+    text-only chat template, saved to out_dir; generation_config: extra fields for its
+    generation_config.json (a shipped Instruct file's penalties, say). -> out_dir."""
+    import importlib.util
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    spec = importlib.util.spec_from_file_location("make_demo", os.path.join(ROOT, "data",
+                                                                          "make_demo.py"))
+    make_demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_demo)
+    tok = AutoTokenizer.from_pretrained(os.path.join(ROOT, "data", "tiny-qwen2.5-vl"))
+    tok.chat_template = make_demo.TEXT_CHAT_TEMPLATE
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+        rms_norm_eps=1e-6, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id))
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
+        eos_token_id=[tok.eos_token_id, tok.pad_token_id], **(generation_config or {}))
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
 # -----------------------------------------------------------------------------
 # One configuration, in its own process.
 

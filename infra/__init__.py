@@ -11,6 +11,7 @@ circle:
   distributed   torchrun and FSDP2: ranks, collectives, in_step (ranks in step), shard, gathered
   sampling      the sampler the loss assumes: Sampling, process_logits, sample
   engine        the rollout engine: calls by a token budget, prefill once, a static KV arena
+  vllm_rollout  the rollout on vLLM (--rollout vllm): one engine a rank, weights synced, exact
   packing       micro-batches of the pi_old pass and the update, padded or packed
   checker       the answer checker's sandbox: math-verify in a worker that can be killed
   data          reading and checking every row up front (one report), the data order

@@ -36,6 +36,17 @@ def setup_distributed(timeout=600.0):
     return rank, world, device
 
 
+CLOSERS = []  # run before the process group closes: a vLLM engine's own groups live inside it
+
+
+def close():
+    """The end of a run: what registered in CLOSERS (newest first), then the process group."""
+    while CLOSERS:
+        CLOSERS.pop()()
+    if active():
+        torch.distributed.destroy_process_group()
+
+
 def active():
     """Whether a process group exists (torchrun)."""
     return torch.distributed.is_initialized()
@@ -94,10 +105,11 @@ def shard(policy, compute_dtype, device):
 
 
 @contextlib.contextmanager
-def gathered(policy):
+def gathered(policy, whole=True):
     """Rollout under FSDP2: all-gather the weights once and keep them whole while decoding, instead
-    of one all-gather per layer per decoded token; reshard after. Nothing to do on one process."""
-    if not active():
+    of one all-gather per layer per decoded token; reshard after. Nothing to do on one process, nor
+    with whole=False (--rollout vllm: vLLM holds its own copy, synced one parameter at a time)."""
+    if not active() or not whole:
         yield
         return
     from torch.distributed.fsdp import FSDPModule

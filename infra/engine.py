@@ -558,7 +558,9 @@ def rollout_metrics(stats, groups):
     big = torch.tensor([stats[k] for k in ("rollout/seconds", "mem/rollout_peak_gb",
                                            "perf/rollout_calls", "perf/rollout_max_call_tokens")])
     seconds, peak, calls, biggest = distributed.all_max(big).tolist()
-    return {"perf/rollout_tokens_per_sec": tokens / max(seconds, 1e-9),
+    extra = {k: distributed.all_max(stats[k]) for k in sorted(stats)  # --rollout vllm's sync
+             if k in ("time/weight_sync", "mem/weight_sync_peak_gb")}  # the slowest rank's
+    return {**extra, "perf/rollout_tokens_per_sec": tokens / max(seconds, 1e-9),
             "mem/rollout_peak_gb": peak, "perf/rollout_calls": calls,
             "perf/rollout_max_call_tokens": biggest, "rollout/logprob_gap": gap / max(n, 1)}
 

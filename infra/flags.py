@@ -23,7 +23,8 @@ RANGES = {  # flag: the values it allows (and every value must be finite)
     "lam": ">= 0", "clip_high": ">= 0", "lr": "> 0", "temperature": "> 0", "max_grad_norm": "> 0",
     "reward_timeout": "> 0", "reward_budget": "> 0", "dist_timeout": "> 0", "clip_c": "> 1",
     "top_p": "(0, 1]", "clip_low": "[0, 1)", "alpha": "[0, 1]", "mixup_ratio": "[0, 1]",
-    "mixup_pass_min": "[0, 1]", "mixup_pass_max": "[0, 1]",
+    "mixup_pass_min": "[0, 1]", "mixup_pass_max": "[0, 1]", "vllm_gpu_memory": "(0, 1]",
+    "vllm_max_seqs": ">= 1", "vllm_max_batched_tokens": ">= 1",
 }
 
 
@@ -52,6 +53,8 @@ def check_args(args, world):
         raise SystemExit(f"error: --prompts-per-step ({args.prompts_per_step}) and "
                          f"--mini-batch-prompts ({args.mini_batch_prompts}) must be multiples of "
                          f"the number of ranks ({world})")
+    if args.rollout == "vllm":
+        check_vllm(args)
     longest = args.max_prompt_length + args.max_response_length
     if args.pack == "on" and args.max_tokens_per_micro_batch < longest:
         # the budget is what memory was sized for: a row over it would fail hours into a run
@@ -59,6 +62,22 @@ def check_args(args, world):
                          f"--max-prompt-length {args.max_prompt_length} + --max-response-length "
                          f"{args.max_response_length}: the longest row would not fit one "
                          f"micro-batch; raise it to at least {longest} (or --pack off)")
+
+
+def check_vllm(args):
+    """--rollout vllm: vLLM installed (found, not imported: that takes seconds), and the flags
+    that only the engine reads not given."""
+    import importlib.util
+    from infra import vllm_rollout
+    if importlib.util.find_spec("vllm") is None:
+        raise SystemExit(f"error: {vllm_rollout.MISSING}")
+    if args.rollout_cuda_graph:
+        raise SystemExit("error: --rollout-cuda-graph is the engine's: vLLM captures its own CUDA "
+                         "graphs (drop the flag with --rollout vllm)")
+    most = max(args.group_size, args.eval_samples)
+    if most > vllm_rollout.SEED_SPACING:
+        raise SystemExit(f"error: --rollout vllm: --group-size / --eval-samples {most} > "
+                         f"{vllm_rollout.SEED_SPACING}, the seeds one prompt's samples may take")
 
 
 def compute_dtype(name, device):

@@ -177,8 +177,7 @@ def finishes(main):
             STOP.restore()
             for path in list(_LOCKS):
                 release(path)
-            if distributed.active():
-                torch.distributed.destroy_process_group()
+            distributed.close()
     return wrapped
 
 
