@@ -2190,3 +2190,63 @@ def test_packed_update_is_independent_of_the_number_of_ranks(tmp_path):
     assert one.pop("padding") == 0 and two.pop("padding") > 0, "no dummy forward ran"
     moved = max((one[k] - two[k]).abs().max().item() for k in one)
     assert moved <= 1e-6, f"1 vs 2 ranks, packed: max |diff| = {moved:.2e}"
+
+# -----------------------------------------------------------------------------
+# infra/vllm_rollout.py: --rollout vllm (run in the vLLM venv: pytest -q test_calibrl.py -k vllm)
+
+try:
+    import vllm  # noqa: F401
+    HAS_VLLM = True
+except ImportError:
+    HAS_VLLM = False
+needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (the vLLM venv: .ci/run)")
+VLLM_ENV = {**CPU_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
+            "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+
+
+@pytest.mark.skipif(HAS_VLLM, reason="checks the message when vLLM is missing")
+def test_vllm_missing_is_one_line_before_the_model_loads(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        train(tmp_path / "o", "--rollout", "vllm", "--model", str(tmp_path / "no-such-model"), steps=1)
+    msg = str(e.value)
+    assert msg.startswith("error: --rollout vllm needs vLLM: pip install vllm") and "\n" not in msg, msg
+
+
+@pytest.fixture(scope="module")
+def vllm_model(tmp_path_factory):
+    """The tiny head_dim-64 Qwen2 text LM, its generation_config.json carrying an Instruct model's
+    sampling fields (repetition_penalty 1.05, top_k 1, top_p 0.001, temperature 0.1) that the
+    sampler must ignore, and text rows."""
+    d = tmp_path_factory.mktemp("vllm")
+    bench_rollout().tiny_text_model(str(d / "m"), dict(repetition_penalty=1.05, top_k=1, top_p=0.001,
+                                                       temperature=0.1, do_sample=True))
+    rows = [{"prompt": f"What is {a} + {b}?", "answer": a + b,
+             "solution": f"<think>{a} + {b} = {a + b}.</think><answer>{a + b}</answer>"}
+            for a in range(4) for b in range(4)]
+    return str(d / "m"), write_jsonl(d / "t.jsonl", rows)
+
+
+@needs_vllm
+def test_vllm_trains_evaluates_and_its_logprobs_are_pi_old(tmp_path, vllm_model):
+    """3 steps of LUFFY (the expert row moves the weights every step) with evaluations: vLLM's
+    log-prob of each sampled token equals pi_old at step 1 and, after two updates, at step 3 (the
+    weight sync works), despite the folder's generation_config; the weights did move."""
+    model, data = vllm_model
+    flags_ = run_flags(tmp_path / "o", "--model", model, "--data", data, "--eval-data", data, "--preset", "demo",
+                       "--rollout", "vllm", "--algo", "luffy", "--max-response-length", "24", "--eval-every", "2",
+                       "--eval-max-prompts", "4", "--eval-samples", "2", steps=3)
+    p = subprocess.run([sys.executable, "calibrl.py", *flags_], cwd=HERE, env=VLLM_ENV, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    m = run_metrics(str(tmp_path / "o"))
+    assert sorted(m) == [1, 2, 3]
+    for step in (1, 3):
+        print(f"step {step}: rollout/logprob_gap {m[step]['rollout/logprob_gap']:.2e}")
+        assert m[step]["rollout/logprob_gap"] <= 1e-5, (step, m[step]["rollout/logprob_gap"])
+        assert m[step]["time/weight_sync"] > 0
+    lines = [json.loads(l) for l in open(tmp_path / "o" / "metrics.jsonl")]
+    assert [l["step"] for l in lines if "eval/accuracy" in l] == [0, 2, 3]
+    a, b = params(model), params(str(tmp_path / "o" / "checkpoint-3"))
+    moved = max((a[k] - b["model." + k] if "model." + k in b else a[k] - b[k]).abs().max().item()
+                for k in a if k in b or "model." + k in b)
+    assert moved > 1e-4, f"the weights did not move ({moved:.1e}): the step-3 check would test nothing"
