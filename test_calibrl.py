@@ -2250,3 +2250,24 @@ def test_vllm_trains_evaluates_and_its_logprobs_are_pi_old(tmp_path, vllm_model)
     moved = max((a[k] - b["model." + k] if "model." + k in b else a[k] - b[k]).abs().max().item()
                 for k in a if k in b or "model." + k in b)
     assert moved > 1e-4, f"the weights did not move ({moved:.1e}): the step-3 check would test nothing"
+
+
+@needs_vllm
+def test_vllm_two_ranks_sample_what_one_rank_samples(tmp_path, vllm_model):
+    """Per-request seeds from (seed, step, global prompt index): 2 ranks (external_launcher, FSDP2, the
+    sync through full_tensor) log the same non-clock metrics as 1 rank for 2 steps."""
+    model, data = vllm_model
+    runs = {}
+    for n in (1, 2):
+        f = run_flags(tmp_path / str(n), "--model", model, "--data", data, "--preset", "demo", "--rollout",
+                      "vllm", "--algo", "luffy", "--max-response-length", "24", steps=2)
+        cmd = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"] if n > 1 else []
+        p = subprocess.run([sys.executable, *cmd, "calibrl.py", *f], cwd=HERE, env=VLLM_ENV, capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        runs[n] = run_metrics(str(tmp_path / str(n)))
+    assert sorted(runs[2]) == [1, 2]
+    for step in (1, 2):
+        for k, v in runs[1][step].items():
+            if not k.startswith(WALL_CLOCK):
+                assert abs(v - runs[2][step][k]) <= 1e-6, (step, k, v, runs[2][step][k])
