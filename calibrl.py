@@ -14,6 +14,7 @@ Run it:
     python calibrl.py                            # the demo: a tiny Qwen2.5-VL on the CPU, ~1 minute
     python calibrl.py --algo grpo                # a baseline: grpo | luffy | rlplus
     torchrun --nproc_per_node=8 calibrl.py --model Qwen/Qwen2.5-VL-3B-Instruct --data train.parquet
+    torchrun --nproc_per_node=8 calibrl.py --model OpenGVLab/InternVL3-8B-hf --data train.parquet
     python calibrl.py --eval-only --model runs/x/checkpoint-50 --eval-data val.jsonl
 
 Shapes in the comments: P prompts of a step on this rank, G on-policy rollouts per prompt,
@@ -41,10 +42,10 @@ Departures from the paper and the official code (the README explains each):
 13. A uniform group has A = 0 exactly (the official float32 mean leaves ~1e-8).
 
 The machinery that is not the algorithm lives in infra/, one concern a file, imported by name:
-family (what differs per model family), distributed (torchrun, FSDP2), sampling, engine (the
-rollout engine), vllm_rollout (the rollout on vLLM, --rollout vllm), packing (micro-batches),
-checker (the answer checker's sandbox), dataset (rows checked up front), rundir (lock, stop
-signals, exit), metrics, checkpoints, flags.
+family (what differs per model family: Qwen2-VL and 2.5-VL, InternVL3, text LMs), distributed
+(torchrun, FSDP2), sampling, engine (the rollout engine), vllm_rollout (the rollout on vLLM,
+--rollout vllm), packing (micro-batches), checker (the answer checker's sandbox), dataset (rows
+checked up front), rundir (lock, stop signals, exit), metrics, checkpoints, flags.
 """
 import argparse
 import dataclasses
@@ -203,7 +204,7 @@ def load_model(path, dtype, device):
     extra = extra if isinstance(extra, list) else [extra]
     tok.stop_ids = sorted({tok.eos_id, *(i for i in extra if i is not None)})  # Qwen: <|endoftext|>
     # An untrained model samples <|image_pad|> and the like, which the next forward cannot take.
-    tok.suppress_ids = family.of(model).vision_ids()
+    tok.suppress_ids = family.of(model).vision_ids(tok)
     # generate() fills every field our sampler leaves unset from the folder's generation_config.json
     # (Qwen2.5-VL-Instruct: repetition_penalty 1.05, top_k 1, top_p 0.001, temperature 0.1): keep
     # only the token ids. Checkpoints write the shipped file back.
@@ -329,9 +330,10 @@ class Group:
     def all_rows(self):
         return self.rows + ([self.expert] if self.expert else [])
 
-def collate(encs, responses, pad_id, device):
+def collate(fam, encs, responses, pad_id, device):
     """One prompt encoding and one (T_i,) response (or none) per row -> model inputs and L.
-    Prompts are left-padded to L, responses right-padded to T: each response starts at column L."""
+    Prompts are left-padded to L, responses right-padded to T: each response starts at column L.
+    fam: the model's family block (infra/family.py): its image inputs, its positions."""
     L = max(e["input_ids"].shape[1] for e in encs)
     T = max(len(r) for r in responses) if responses else 0
     R = len(encs)
@@ -345,13 +347,11 @@ def collate(encs, responses, pad_id, device):
             mm[i, L - n:L] = e["mm_token_type_ids"][0]
         if responses:
             ids[i, L:L + len(responses[i])], attn[i, L:L + len(responses[i])] = responses[i], 1
-    inputs = dict(input_ids=ids, attention_mask=attn)
+    inputs = dict(input_ids=ids, attention_mask=attn, **fam.image_inputs(encs))  # in row order
     if "mm_token_type_ids" in encs[0]:  # without it, recomputed log-probs drift by ~1e-3
         inputs["mm_token_type_ids"] = mm
-    if any("pixel_values" in e for e in encs):  # the images of every row, in row order
-        inputs["pixel_values"] = torch.cat([e["pixel_values"] for e in encs if "pixel_values" in e])
-        inputs["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in encs
-                                              if "image_grid_thw" in e])
+    if fam.axes == 1:  # 1-D positions count real tokens only: left padding does not shift them
+        inputs["position_ids"] = (attn.cumsum(-1) - 1).clamp(min=0)              # (R, L+T)
     return {k: v.to(device) for k, v in inputs.items()}, L
 
 def sampling_config(args, tok, n, greedy=False):
@@ -470,7 +470,7 @@ def micro_batches(rows, stand_in, args, model, pad_id, device):
         encs, resps = [g.enc for _, g in batch], [r.resp for r, _ in batch]
         packing.count_forward(encs, resps, packed, w)  # perf/pad_frac, perf/vision_encodes
         yield batch, w, ((packing.pack_rows(model, encs, resps).to(device),) if packed
-                         else collate(encs, resps, pad_id, device))
+                         else collate(family.of(model), encs, resps, pad_id, device))
 
 @torch.no_grad()
 def old_logprobs(policy, groups, args, device, pad_id):

@@ -1687,7 +1687,7 @@ def test_rollout_distribution_is_softmax_logits_over_T(demo, mix, monkeypatch):
         assert torch.equal(scores[:, ~sup], logits.float()[:, ~sup] / 0.7)
     policy = calibrl.Policy(model, 0.7, tok.suppress_ids, fused=False)
     encs = [e for e in mix for _ in range(RG)]
-    inputs, L = calibrl.collate(encs, out.responses, tok.pad_id, "cpu")
+    inputs, L = calibrl.collate(family.of(model), encs, out.responses, tok.pad_id, "cpu")
     with torch.no_grad():
         old_logp, _ = policy(inputs, L)                                          # (R, T)
     gap = max((old_logp[i, :len(lp)] - lp).abs().max().item() for i, lp in enumerate(out.logprobs))
@@ -1896,9 +1896,11 @@ import random  # noqa: E402
 import types  # noqa: E402
 
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen25  # noqa: E402
+from transformers.models.qwen2 import modeling_qwen2 as qwen2  # noqa: E402
 
 PACK_BUDGET = 400
 PACK_TOL = 1e-10
+VISION = ("model.visual", "model.vision_tower", "model.multi_modal_projector")  # Qwen, InternVL
 
 
 def lognormal_rows(n_groups, G, seed, mean=60, cap=400, prompt=(30, 200)):
@@ -1975,6 +1977,7 @@ def float64_throughout(monkeypatch):
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
     monkeypatch.setattr(qwen25, "apply_rotary_pos_emb_vision", rotary)
     monkeypatch.setattr(qwen25.Qwen2_5_VLRMSNorm, "forward", rms_norm)
+    monkeypatch.setattr(qwen2.Qwen2RMSNorm, "forward", rms_norm)  # InternVL's decoder
     monkeypatch.setattr(calibrl, "token_logprobs", logprobs64)
 
 
@@ -2051,7 +2054,10 @@ def test_packed_pi_old_and_update_equal_padded_float64(tiny64, float64_throughou
     """calibrl.old_logprobs and calibrl.update, --pack on (budget 400, gradient checkpointing on) against
     --pack off (4 rows per micro-batch): log-probs, entropies, loss, every gradient (the vision tower's
     included), the update's stats, to 1e-10 in float64."""
-    model, processor, tok = tiny64
+    packed_equals_padded(*tiny64, algo)
+
+
+def packed_equals_padded(model, processor, tok, algo):
     common = ["--algo", algo, "--group-size", "3", "--mini-batch-prompts", "4", "--max-grad-norm", "1e9"]
     groups = pack_groups(processor)
     tokens = [g.enc["input_ids"].shape[1] + len(r.resp) for g in groups for r in g.all_rows()]
@@ -2070,7 +2076,7 @@ def test_packed_pi_old_and_update_equal_padded_float64(tiny64, float64_throughou
         close(en, en_r, PACK_TOL, f"row {i} entropy")
     close(got[1], ref[1], PACK_TOL, "loss")
     assert ref[2].keys() == got[2].keys()
-    assert any(n.startswith("model.visual") and g.abs().max() > 0 for n, g in ref[2].items())
+    assert any(n.startswith(VISION) and g.abs().max() > 0 for n, g in ref[2].items())
     for n in ref[2]:
         close(got[2][n], ref[2][n], PACK_TOL, f"gradient {n}")
     # the stats: means over micro-batches weighted by their counted tokens, which for LUFFY include the
@@ -2109,7 +2115,10 @@ def test_packed_rows_without_images_still_run_the_vision_tower_under_torchrun(ti
     """Under torchrun a packed micro-batch without images runs the vision tower on a blank image, times 0
     (FSDP's gathers of the vision unit must pair up with ranks whose micro-batch has images): the
     log-probs and gradients are unchanged, the vision parameters get gradients of exactly 0."""
-    model, processor, tok = tiny64
+    blank_image_runs_the_tower(*tiny64, monkeypatch)
+
+
+def blank_image_runs_the_tower(model, processor, tok, monkeypatch):
     group = pack_groups(processor)[3]                                     # the prompt without images
     policy = calibrl.Policy(model, 1.0, tok.suppress_ids, fused=False)
     pack = packing.pack_rows(model, [group.enc] * 4, [r.resp for r in group.all_rows()])
@@ -2122,8 +2131,8 @@ def test_packed_rows_without_images_still_run_the_vision_tower_under_torchrun(ti
         out[ranks] = logp.detach(), GrabGrads(model)
         out[ranks][1].step()
         model.zero_grad(set_to_none=True)
-    vision = [n for n in out[True][1].grads[0] if n.startswith("model.visual")]
-    assert vision and not any(n.startswith("model.visual") for n in out[False][1].grads[0])
+    vision = [n for n in out[True][1].grads[0] if n.startswith(VISION)]
+    assert vision and not any(n.startswith(VISION) for n in out[False][1].grads[0])
     assert all(out[True][1].grads[0][n].abs().max() == 0 for n in vision)
     close(out[True][0], out[False][0], 0.0, "log-probs")
     for n, g in out[False][1].grads[0].items():
@@ -2137,8 +2146,9 @@ def test_packed_attention_leaves_generate_and_the_padded_forward_unchanged(tiny6
     groups = pack_groups(processor)
     config = family.of(model).text_decoder().config
     assert config._attn_implementation == packing.PACKED_ATTENTION
-    prompts, _ = calibrl.collate([g.enc for g in groups], None, tok.pad_id, "cpu")
-    batch, _ = calibrl.collate([g.enc for g in groups], [g.rows[0].resp for g in groups], tok.pad_id, "cpu")
+    prompts, _ = calibrl.collate(family.of(model), [g.enc for g in groups], None, tok.pad_id, "cpu")
+    batch, _ = calibrl.collate(family.of(model), [g.enc for g in groups], [g.rows[0].resp for g in groups],
+                               tok.pad_id, "cpu")
     out = {}
     try:
         for name in ("sdpa", packing.PACKED_ATTENTION):
@@ -2192,6 +2202,164 @@ def test_packed_update_is_independent_of_the_number_of_ranks(tmp_path):
     assert moved <= 1e-6, f"1 vs 2 ranks, packed: max |diff| = {moved:.2e}"
 
 # -----------------------------------------------------------------------------
+# InternVL3 (infra/family.py InternVL): a tiny InternVLForConditionalGeneration, transformers' -hf
+# layout (data/make_demo.py), in every mode the Qwen model runs: 1-D positions, tiles, no grid
+
+@pytest.fixture(scope="module")
+def internvl(tmp_path_factory, make_demo):
+    path = str(tmp_path_factory.mktemp("internvl") / "m")
+    make_demo.tiny_config_model("internvl", path)
+    return path
+
+
+@pytest.fixture
+def coin_reward(monkeypatch):
+    """A random tiny model never answers right, so every advantage is 0 and nothing trains: this reward is
+    a fixed coin flip of the response's text instead (the same text, the same reward: resume stays exact)."""
+    import zlib
+    monkeypatch.setattr(calibrl, "reward_fn", lambda response, gt: (float(zlib.crc32(response.encode()) % 2), 0.0))
+
+
+def tiles_prompt(processor, sizes, text="How many squares?"):
+    """One prompt encoding with random images of these (w, h) sizes."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(len(sizes))
+    images = [Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()) for w, h in sizes]
+    msgs = [{"role": "user", "content": [{"type": "image"}] * len(images) + [{"type": "text", "text": text}]}]
+    chat = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    return dict(processor(text=[chat], images=images or None, return_tensors="pt"))
+
+
+def test_internvl_loads_with_its_processor_tokens_and_tiles(internvl):
+    """load_model on an InternVL folder without torchvision: the image-only processor keeps its own
+    image_seq_length (4, not the class default 256) and tiling; <img>, </img>, <IMG_CONTEXT>, <video> are
+    suppressed; a response ends at <|im_end|>; one feature per <IMG_CONTEXT>, image_seq_length per tile."""
+    model, proc, tok, is_vlm = calibrl.load_model(internvl, torch.float32, "cpu")
+    fam = family.of(model)
+    assert is_vlm and type(fam) is family.InternVL and fam.axes == 1
+    assert type(proc).__name__ == "InternVLProcessor" and proc.image_seq_length == 4
+    ids = [tok.convert_tokens_to_ids(t) for t in ("<img>", "</img>", "<IMG_CONTEXT>", "<video>")]
+    assert tok.suppress_ids == sorted(ids) and tok.eos_id == tok.convert_tokens_to_ids("<|im_end|>")
+    one, two = tiles_prompt(proc, [(56, 56)]), tiles_prompt(proc, [(56, 56), (112, 56)])
+    assert len(one["pixel_values"]) == 1 and len(two["pixel_values"]) == 1 + 3  # 2 tiles + thumbnail
+    assert fam.num_features(one) == 4 and fam.num_features(two) == 16
+    assert family.num_images(two) == 4                                          # tiles: the tower's unit
+    assert two["input_ids"].shape[1] - one["input_ids"].shape[1] == 1 + 12 + 1 + 1  # <img>, 3 x 4, </img>, \n
+    assert fam.image_features(**fam.image_inputs([one, two])).shape == (20, model.config.text_config.hidden_size)
+    assert fam.blank_features(model.get_input_embeddings().weight).shape == (4, 64)
+    pos, delta = fam.positions(two)
+    assert torch.equal(pos, torch.arange(two["input_ids"].shape[1])[None]) and delta == 0
+
+
+@pytest.mark.parametrize("algo", ["calibrl", "grpo", "luffy", "rlplus"])
+def test_internvl_each_algo_trains_evaluates_and_checkpoints(algo, internvl, tmp_path, coin_reward):
+    """One step of each objective on the tiny InternVL (packed, the default), evaluated before and
+    after: pi_theta / pi_old = 1 on the first update and the sampler's log-probs are pi_old's, to float
+    noise; each prompt's tiles encoded once a pass; the checkpoint reloads as InternVL with its processor."""
+    out = train(tmp_path, "--preset", "demo", "--model", internvl, "--algo", algo, "--eval-every", "1",
+                "--eval-max-prompts", "4", steps=1)
+    lines = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    assert [l["step"] for l in lines] == [0, 1, 1] and "eval/accuracy" in lines[0]
+    m = lines[1]
+    assert all(math.isfinite(v) for v in m.values())
+    assert m["loss/ratio_first_dev"] < 1e-5 and m["rollout/logprob_gap"] < 1e-5, m
+    assert m["loss/grad_norm"] > 0 and m["perf/pad_frac"] == 0
+    assert m["perf/vision_encodes"] == 2  # each prompt's tiles once in the pi_old pass, once in the update
+    from transformers import AutoModelForImageTextToText
+    ckpt = os.path.join(out, "checkpoint-1")
+    model = AutoModelForImageTextToText.from_pretrained(ckpt)
+    assert type(model).__name__ == "InternVLForConditionalGeneration"
+    assert any(not torch.equal(v, params(internvl)[k]) for k, v in params(ckpt).items())
+    assert family.load_processor(ckpt, model.config).image_seq_length == 4
+
+
+def test_internvl_packed_padded_and_fused_train_alike(internvl, tmp_path, coin_reward):
+    """One step packed (the default), --pack off (left-padded rows: positions from the attention mask)
+    and --fused on (the Triton op, in its interpreter here): the same rollouts, loss, entropy and gradient
+    norm to float32 noise; --eval-only runs too."""
+    flags_ = ["--preset", "demo", "--model", internvl, "--alpha", "1"]  # --alpha 1: see test_pack_on_and_off
+    runs = {name: run_metrics(train(tmp_path / name, *flags_, *more, steps=1))[1]
+            for name, more in (("on", []), ("off", ["--pack", "off"]), ("fused", ["--fused", "on"]))}
+    for name in ("off", "fused"):
+        assert runs[name]["train/reward"] == runs["on"]["train/reward"]
+        assert runs[name]["loss/ratio_first_dev"] < 1e-5 and runs[name]["rollout/logprob_gap"] < 1e-5
+        for k in ("train/entropy", "loss/ppo", "loss/guided", "loss/grad_norm"):
+            assert abs(runs[name][k] - runs["on"][k]) <= 1e-5 * max(1.0, abs(runs["on"][k])), (name, k)
+    assert runs["off"]["perf/pad_frac"] > 0 and runs["off"]["perf/vision_encodes"] > 1
+    out = calibrl.main(["--eval-only", "--model", internvl, "--preset", "demo", "--eval-data", calibrl.DEMO_VAL,
+                        "--eval-max-prompts", "3",
+                        "--output-dir", str(tmp_path / "e")])
+    (m,) = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    assert m["eval/response_length"] > 0
+
+
+@pytest.mark.parametrize("algo", ["calibrl", "rlplus"])
+def test_internvl_packed_pi_old_and_update_equal_padded_float64(internvl, float64_throughout, algo):
+    """As for Qwen (test_packed_pi_old_and_update_equal_padded_float64): pack_groups' prompts (one with two
+    images of different sizes, 5 tiles and 1, one without images), --pack on (gradient
+    checkpointing on) against --pack off: log-probs, entropies, loss, every gradient (the vision tower's and
+    the projector's included) to 1e-10 in float64."""
+    model, processor, tok, _ = calibrl.load_model(internvl, torch.float64, "cpu")
+    assert len(pack_groups(processor)[1].enc["pixel_values"]) == 5 + 1   # 84 x 112: 4 tiles + a thumbnail
+    packed_equals_padded(model, processor, tok, algo)
+
+
+def test_internvl_packed_rows_without_images_still_run_the_vision_tower_under_torchrun(internvl, monkeypatch):
+    """As for Qwen: a blank tile, times 0, through the vision tower and the projector."""
+    blank_image_runs_the_tower(*calibrl.load_model(internvl, torch.float32, "cpu")[:3], monkeypatch)
+
+
+def test_internvl_rollout_matches_generate(internvl):
+    """The engine's tokens equal transformers' generate on InternVL: greedy (in one call and in calls of 2
+    prompts), and sampled with the same seed in float64 (see test_rollout_sampled_matches_generate_same_seed)."""
+    model, proc, tok, _ = calibrl.load_model(internvl, torch.float32, "cpu")
+    mix = mixed_prompts(proc)
+    sp = sampler(tok, n=1, greedy=True)
+    ref = bench_rollout().today_generate(model, mix, sp, tok.pad_id, len(mix), "cpu")
+    two = engine.call_tokens(max(lengths(mix)), 1, RT, 2)
+    for budget in (10**6, two):
+        assert n_same(ref, run_engine(model, tok, mix, sp, budget).responses) == len(ref), budget
+    model = model.double()
+    sp = sampler(tok)
+    torch.manual_seed(3)
+    ref = bench_rollout().today_generate(model, mix, sp, tok.pad_id, len(mix), "cpu")
+    assert n_same(ref, run_engine(model, tok, mix, sp, seed=3, compact=False).responses) == len(ref)
+    assert len({len(r) for r in ref}) > 1
+
+
+def test_internvl_under_torchrun_equals_one_rank_and_resumes_exactly(internvl, tmp_path, coin_reward):
+    """FSDP2 (the vision tower and the projector as units of their own): FIXED_ROLLOUT_UPDATE packed at a
+    220-token budget (groups cut, weight-0 dummy forwards) gives the parameters of one rank, the vision
+    tower's and the decoder's moved; the main loop trains and evaluates on 2 ranks (the rollout on whole
+    weights); a resumed run equals an uninterrupted one."""
+    script = tmp_path / "fixed_update_internvl.py"
+    src = FIXED_ROLLOUT_UPDATE.replace("calibrl.DEMO_MODEL", "sys.argv[2]").replace(
+        '"--micro-batch-size", "3"', '"--max-tokens-per-micro-batch", "220"').replace(
+        'for algo in ("calibrl", "luffy"):', 'for algo in ("calibrl",):')
+    assert src.count("sys.argv[2]") == 1 and "220" in src
+    script.write_text(src)
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt"), internvl], cwd=HERE, env=CPU_ENV,
+                   check=True, capture_output=True)
+    torchrun(2, str(script), str(tmp_path / "two.pt"), internvl)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-6
+    from transformers import AutoModelForImageTextToText
+    init = AutoModelForImageTextToText.from_pretrained(internvl).state_dict()  # the file keeps InternVL's own names
+    moved = [k for k, v in one.items() if (v - init[k.split(":model.", 1)[1]]).abs().max() > 1e-5]
+    assert any(".vision_tower." in k for k in moved) and any(".language_model." in k for k in moved), moved
+    model = ["--preset", "demo", "--model", internvl]
+    out = torchrun(2, "calibrl.py", *run_flags(tmp_path / "t", *model, "--eval-every", "1", "--eval-max-prompts", "3"))
+    assert "world 2" in out and "step 2/2" in out
+    common = [*model, "--eval-every", "1", "--eval-max-prompts", "4", "--save-every", "1"]
+    straight = train(tmp_path / "a", *common, steps=2)
+    train(tmp_path / "b", *common, steps=1)
+    resumed = train(tmp_path / "b", "--resume", *common, steps=2)
+    a, b = params(os.path.join(straight, "checkpoint-2")), params(os.path.join(resumed, "checkpoint-2"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    for k, v in run_metrics(straight)[2].items():
+        if not k.startswith(WALL_CLOCK):
+            assert abs(v - run_metrics(resumed)[2][k]) <= 1e-6, k
+
 # infra/vllm_rollout.py: --rollout vllm (run in the vLLM venv: pytest -q test_calibrl.py -k vllm)
 
 try:

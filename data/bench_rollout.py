@@ -116,9 +116,9 @@ def today_generate(model, encs, sp, pad_id, batch_prompts, device):
                     t[j, L - e[key].shape[1]:] = e[key][0]
                 batch[key] = t
         imgs = [e for e in chunk if e.get("pixel_values") is not None]
-        if imgs:
-            batch["pixel_values"] = torch.cat([e["pixel_values"] for e in imgs])
-            batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in imgs])
+        for key in ("pixel_values", "image_grid_thw"):  # InternVL: tiles, no grid
+            if imgs and key in imgs[0]:
+                batch[key] = torch.cat([e[key] for e in imgs])
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.no_grad():
             seqs = model.generate(**batch, generation_config=gen)               # (B*n, L+T)

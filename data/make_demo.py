@@ -39,7 +39,8 @@ import time
 import torch
 from PIL import Image, ImageDraw
 from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
-from transformers import (AutoConfig, GenerationConfig, Qwen2_5_VLConfig,
+from transformers import (AutoConfig, AutoTokenizer, GenerationConfig, GotOcr2ImageProcessorPil, InternVLConfig,
+                          InternVLForConditionalGeneration, InternVLProcessor, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2Config,
                           Qwen2ForCausalLM, Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
                           Qwen2VLImageProcessorPil, Qwen2VLProcessor)
@@ -72,6 +73,12 @@ CHAT_TEMPLATE = (
     "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
     "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
     "<|im_start|>assistant\n{% endif %}")
+# InternVL3's layout: the processor expands each <IMG_CONTEXT> into <img>, image_seq_length <IMG_CONTEXT> per tile,
+# </img>; the demo's ChatML otherwise.
+INTERNVL_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                   "video_token": "<video>"}
+INTERNVL_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>\n").replace(
+    "<|vision_start|><|video_pad|><|vision_end|>", "<video>\n")
 # Text-only ChatML template for the text test model; accepts string or list-of-parts content.
 TEXT_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
@@ -106,6 +113,15 @@ class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+
+class ImageOnlyInternVLProcessor(InternVLProcessor):
+    """InternVL's processor without a video processor (which needs torchvision); image_seq_length named, so that it
+    is saved and reloaded (infra/family.load_processor does the same for any model folder)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, image_seq_length=256, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, image_seq_length=image_seq_length,
+                         chat_template=chat_template, **kwargs)
 
 
 def save_processor(proc, path):
@@ -258,6 +274,10 @@ def tiny_config_model(kind, out_dir):
     """Randomly initialised tiny test model sharing the demo tokenizer, saved (with its processor) to out_dir.
     kind "qwen2_vl": Qwen2VLForConditionalGeneration + image-only processor (same image processor and chat
     template as the demo model); kind "text": Qwen2ForCausalLM + tokenizer with a text-only ChatML template;
+    kind "internvl": InternVLForConditionalGeneration (transformers' InternVL3 -hf layout: a 2-layer InternViT of width
+    32, 56 px tiles of 4 <IMG_CONTEXT> features, a 2-layer Qwen2 of width 64; ~0.16M parameters) with the demo
+    tokenizer plus <img>, </img>, <IMG_CONTEXT>, <video> and an image-only InternVL processor;
+    kind "internvl3-2b": the same at InternVL3-2B's sizes (random, bf16), for the GPU check (--random-internvl3-2b DIR);
     kind "qwen2.5-vl-3b": Qwen2.5-VL-3B's configuration (3.75B parameters, bf16, no download) with the demo's
     tokenizer and processor, for the GPU check (python data/make_demo.py --random-3b DIR).
     Returns (model, processor_or_tokenizer)."""
@@ -285,6 +305,36 @@ def tiny_config_model(kind, out_dir):
             model = Qwen2_5_VLForConditionalGeneration(cfg).to(torch.bfloat16)
         proc = ImageOnlyQwen2_5_VLProcessor(image_processor=make_image_processor(), tokenizer=tok,
                                             chat_template=CHAT_TEMPLATE)
+    elif kind in ("internvl", "internvl3-2b"):
+        # the demo tokenizer plus InternVL's image-structure tokens, as the -hf checkpoints' tokenizers carry them
+        tok.save_pretrained(out_dir)
+        tok = AutoTokenizer.from_pretrained(out_dir, extra_special_tokens=INTERNVL_TOKENS)
+        text = dict(text_config_dict(tok), rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+        # one 56 px tile -> 4x4 patches -> pixel shuffle (0.5) -> 2x2 = 4 <IMG_CONTEXT> features; up to 4 tiles and a
+        # thumbnail for a larger image
+        vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=56,
+                      patch_size=14)
+        tile, seq = 56, 4
+        if kind == "internvl3-2b":  # InternVL3-2B's sizes: InternViT-300M + Qwen2.5-1.5B, 448 px tiles of 256 tokens
+            text.update(vocab_size=151674, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                        num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+                        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+            vision = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                          image_size=448, patch_size=14)
+            tile, seq = 448, 256
+        cfg = InternVLConfig(text_config=dict(text, model_type="qwen2"), vision_config=vision, image_seq_length=seq,
+                             image_token_id=tok.context_image_token_id, downsample_ratio=0.5,
+                             vision_feature_layer=-1, vision_feature_select_strategy="default",
+                             tie_word_embeddings=kind == "internvl")  # InternVL3-2B: an untied head, 2.1B in all
+        with torch.device("cuda" if kind == "internvl3-2b" and torch.cuda.is_available() else "cpu"):
+            model = InternVLForConditionalGeneration(cfg)
+        if kind == "internvl3-2b":
+            model = model.to(torch.bfloat16)
+        image_processor = GotOcr2ImageProcessorPil(size={"height": tile, "width": tile}, crop_to_patches=True,
+                                                   min_patches=1, max_patches=4 if tile == 56 else 12,
+                                                   image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+        proc = ImageOnlyInternVLProcessor(image_processor=image_processor, tokenizer=tok, image_seq_length=seq,
+                                          chat_template=INTERNVL_CHAT_TEMPLATE)
     elif kind == "text":
         cfg = text_config_dict(tok)
         cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
@@ -313,13 +363,13 @@ def check_processor(proc, row):
     assert inp["mm_token_type_ids"][0].tolist() == [int(i == pad) for i in ids]
 
 
-def sft_batch(proc, rows, base_dir):
+def sft_batch(model, proc, rows, base_dir):
     """The trainer's layout (calibrl.collate): left-padded prompts, then the response (solution tokens
     + <|im_end|>) right-padded; labels only on the response."""
     tok = proc.tokenizer
     im_end, pad = tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id
     resp = [torch.tensor(tok(r["solution"], add_special_tokens=False).input_ids + [im_end]) for r in rows]
-    inputs, L = calibrl.collate(encode(proc, rows, base_dir), resp, pad, "cpu")
+    inputs, L = calibrl.collate(family.of(model), encode(proc, rows, base_dir), resp, pad, "cpu")
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
     labels[:, :L] = -100
     return inputs, labels
@@ -338,7 +388,8 @@ def evaluate(model, proc, rows, base_dir, k=4, greedy=False, batch=16, max_new_t
     scores = []
     for i in range(0, len(rows), batch):
         chunk = rows[i:i + batch]
-        inputs, L = calibrl.collate(encode(proc, chunk, base_dir), None, tok.pad_token_id, "cpu")
+        inputs, L = calibrl.collate(family.of(model), encode(proc, chunk, base_dir), None, tok.pad_token_id,
+                                    "cpu")
         kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
                                                        num_return_sequences=k)
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
@@ -353,7 +404,7 @@ def evaluate(model, proc, rows, base_dir, k=4, greedy=False, batch=16, max_new_t
 
 def sft_step(model, opt, proc, rows, step, base_dir, batch=16):
     start = ((step - 1) * batch) % len(rows)
-    inputs, labels = sft_batch(proc, rows[start:start + batch], base_dir)
+    inputs, labels = sft_batch(model, proc, rows[start:start + batch], base_dir)
     logits = model(**inputs).logits[:, :-1].float()
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                              ignore_index=-100)
@@ -421,7 +472,8 @@ def main():
     torch.manual_seed(SEED)
     acc, fmt = evaluate(model, proc, rows["val"], DEMO_DIR, k=4)
     gacc, gfmt = evaluate(model, proc, rows["val"], DEMO_DIR, greedy=True)
-    inp, _ = calibrl.collate(encode(proc, rows["val"][:4], DEMO_DIR), None, proc.tokenizer.pad_token_id, "cpu")
+    inp, _ = calibrl.collate(family.of(model), encode(proc, rows["val"][:4], DEMO_DIR), None,
+                            proc.tokenizer.pad_token_id, "cpu")
     t0 = time.time()
     model.generate(**inp, max_new_tokens=40, do_sample=True, top_k=0, num_return_sequences=8,
                    suppress_tokens=suppress_ids(proc.tokenizer))
@@ -433,6 +485,8 @@ def main():
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--random-3b"]:  # the GPU check's model: python data/make_demo.py --random-3b DIR
         tiny_config_model("qwen2.5-vl-3b", sys.argv[2])
+    elif sys.argv[1:2] == ["--random-internvl3-2b"]:  # the GPU check's InternVL3 model
+        tiny_config_model("internvl3-2b", sys.argv[2])
     else:
         if sys.argv[1:2] == ["--out"]:  # build elsewhere (e.g. to compare with the shipped files)
             DEMO_DIR, MODEL_DIR = os.path.join(sys.argv[2], "demo"), os.path.join(sys.argv[2], "tiny-qwen2.5-vl")
