@@ -231,9 +231,10 @@ def with_instruction(messages):
         texts[-1]["text"] = texts[-1]["text"].rstrip() + " " + INSTRUCTION
     return messages
 
-def encode_prompt(processor, ex, is_vlm):
+def encode_prompt(processor, ex, is_vlm, pil=False):
     """One prompt -> {input_ids (1, L), attention_mask (1, L), and for a VLM mm_token_type_ids
-    (1, L), pixel_values, image_grid_thw}: the chat template, then the processor."""
+    (1, L), pixel_values, image_grid_thw}: the chat template, then the processor. pil: the PIL
+    images too, as "images" (--rollout vllm: vLLM processes them itself)."""
     msgs = ex["messages"]
     if not is_vlm:  # text-only chat templates take plain strings
         msgs = [{"role": m["role"], "content": "".join(p.get("text", "") for p in m["content"])}
@@ -242,7 +243,7 @@ def encode_prompt(processor, ex, is_vlm):
     if is_vlm:
         images = [dataset.open_image(r) for r in ex["images"]]
         enc = dict(processor(text=[text], images=images or None, return_tensors="pt"))
-        return {**enc, "images": images}  # the PIL images too: vLLM processes them itself
+        return {**enc, "images": images} if pil else enc
     return dict(processor([text], return_tensors="pt", add_special_tokens=False))
 
 def load_examples(path, args, processor, tok, is_vlm, say=print, train=True):
@@ -641,7 +642,7 @@ def evaluate(policy, tok, processor, examples, args, device, is_vlm, rank, world
     whole = args.rollout == "engine"  # vLLM holds its own copy of the weights (synced)
     with torch.random.fork_rng(devices=devices), distributed.gathered(policy, whole):
         torch.manual_seed(10_000 + args.seed + rank)
-        encs = [encode_prompt(processor, ex, is_vlm) for ex in mine]
+        encs = [encode_prompt(processor, ex, is_vlm, args.rollout == "vllm") for ex in mine]
         stop = rundir.STOP.requested  # a stop ends the evaluation early (it is then not logged)
         sampled = generate(policy, tok, encs, k, args, interrupt=stop).responses  # budgeted calls
         greedy = generate(policy, tok, encs, 1, args, greedy=True, interrupt=stop).responses
@@ -721,7 +722,7 @@ def main(argv=None):
         VERIFY.start_step()
         # a strided shard per rank, so mini-batch k holds the same groups for any world size
         examples = [data[i] for i in stream.take(args.prompts_per_step)[rank::world]]
-        encs = [encode_prompt(processor, ex, is_vlm) for ex in examples]
+        encs = [encode_prompt(processor, ex, is_vlm, args.rollout == "vllm") for ex in examples]
         try:  # a stop request abandons the rollout or the pi_old pass: no weight has moved yet
             # eval mode: no dropout, and gradient checkpointing (a training-mode feature) stays off
             model.eval()
