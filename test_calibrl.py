@@ -2491,3 +2491,78 @@ def test_vllm_request_is_unexpanded_ids_and_images_and_a_length_mismatch_is_an_e
         with pytest.raises(RuntimeError, match=f"prompt 3 is {wrong.shape[1]} tokens in vLLM but {want} in "
                                                "calibrl's encoding: the two processors differ"):
             vllm_rollout.check_prompt_length(3, wrong.shape[1], want)
+
+
+VLLM_SAMPLER = r'''
+"""calibrl.generate on vLLM against the engine, one model, the same prompts (argv: model, data, out)."""
+import sys
+import torch
+import calibrl
+from infra import vllm_rollout
+model_path, data, out = sys.argv[1:4]
+args = calibrl.parse_args(["--model", model_path, "--preset", "demo", "--max-response-length", "32",
+                           "--temperature", "1.0"])
+model, proc, tok, is_vlm = calibrl.load_model(model_path, torch.float32, "cpu")
+model.eval()
+policy = calibrl.Policy(model, args.temperature, tok.suppress_ids, False)
+encs = [calibrl.encode_prompt(proc, ex, is_vlm, pil=True)
+        for ex in calibrl.load_examples(data, args, proc, tok, is_vlm, say=lambda *a: None)[:8]]
+res = {}
+def both(name, n=1, greedy=True, key="eval"):  # the engine, then vLLM (its weights synced first)
+    for args.rollout in ("engine", "vllm"):
+        res[f"{name} {args.rollout}"] = calibrl.generate(policy, tok, encs, n, args, greedy, key=key).responses
+policy.vllm = vllm_rollout.Engine(model_path, model, proc, tok, args, torch.float32, torch.device("cpu"))
+both("greedy")
+# an id made likely: its LM-head row along the mean final hidden state u, so h . w_X is 5 on average
+X = res["X"] = proc.convert_tokens_to_ids("<|image_pad|>")
+with torch.no_grad():
+    u = torch.cat([model.model(e["input_ids"]).last_hidden_state[0] for e in encs]).mean(0)   # (H,)
+    model.lm_head.weight[X] = 5 * u / u.norm() ** 2
+for name, ids in (("free", []), ("suppressed", [X])):
+    tok.suppress_ids = policy.suppress_ids = ids
+    args.rollout = "vllm"
+    for key in (1, 1, 2):  # step 1 twice (the same seeds), then step 2
+        res.setdefault(f"{name} sampled", []).append(calibrl.generate(policy, tok, encs, 8, args, key=key).responses)
+    both(name + " greedy")
+torch.save(res, out)
+'''
+
+
+@pytest.fixture(scope="module")
+def vllm_sampled(vllm_model, tmp_path_factory):
+    """VLLM_SAMPLER's results on the tiny model: greedy tokens of the engine and of vLLM, then with one id
+    made likely, sampled (8 prompts x 8 x 32 tokens, T = 1) and greedy tokens, that id free or suppressed."""
+    d = tmp_path_factory.mktemp("vllm_sampler")
+    (d / "sampler.py").write_text(VLLM_SAMPLER)
+    p = subprocess.run([sys.executable, str(d / "sampler.py"), *vllm_model, str(d / "out.pt")], cwd=HERE,
+                       env=VLLM_ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return torch.load(d / "out.pt")
+
+
+@needs_vllm
+def test_vllm_greedy_tokens_are_the_engines_and_a_seed_gives_its_rollout(vllm_sampled):
+    """vLLM's greedy tokens equal the engine's, token for token (fp32 on the CPU: the argmax never fell
+    within float noise of a tie here); the same step samples the same tokens, another step others."""
+    r = vllm_sampled
+    for name in ("greedy", "free greedy", "suppressed greedy"):
+        eng, vl = r[name + " engine"], r[name + " vllm"]
+        same = sum(torch.equal(a, b) for a, b in zip(eng, vl))
+        print(f"{name}: {same}/{len(eng)} responses identical, {sum(map(len, eng))} tokens")
+        assert same == len(eng) == 8, [(a.tolist(), b.tolist()) for a, b in zip(eng, vl) if not torch.equal(a, b)]
+    assert len(set(torch.cat(r["greedy engine"]).tolist())) > 10  # not one token repeated
+    first, again, other = r["free sampled"]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert sum(torch.equal(a, b) for a, b in zip(first, other)) == 0
+
+
+@needs_vllm
+def test_vllm_never_samples_a_suppressed_id_that_it_samples_when_free(vllm_sampled):
+    """The SuppressIds logits processor: an id given ~10% of the tokens (and every greedy argmax) by its
+    LM-head row is never sampled once it is in tok.suppress_ids, greedy included."""
+    r, X = vllm_sampled, vllm_sampled["X"]
+    free, supp = torch.cat(r["free sampled"][0]), torch.cat(r["suppressed sampled"][0])
+    print(f"id {X}: {(free == X).float().mean():.1%} of {len(free)} tokens free, "
+          f"{int((supp == X).sum())} of {len(supp)} suppressed")
+    assert (free == X).float().mean() > 0.05 and (torch.cat(r["free greedy vllm"]) == X).all()
+    assert (supp == X).sum() == 0 and (torch.cat(r["suppressed greedy vllm"]) == X).sum() == 0
