@@ -2566,3 +2566,78 @@ def test_vllm_never_samples_a_suppressed_id_that_it_samples_when_free(vllm_sampl
           f"{int((supp == X).sum())} of {len(supp)} suppressed")
     assert (free == X).float().mean() > 0.05 and (torch.cat(r["free greedy vllm"]) == X).all()
     assert (supp == X).sum() == 0 and (torch.cat(r["suppressed greedy vllm"]) == X).sum() == 0
+
+
+def vllm_flags(out, model, data, *more, steps):
+    return run_flags(out, "--model", model, "--data", data, "--preset", "demo", "--rollout", "vllm", "--algo",
+                     "luffy", "--max-response-length", "24", *more, steps=steps)
+
+
+def vllm_run(argv, timeout=300):
+    p = subprocess.run([sys.executable, "calibrl.py", *argv], cwd=HERE, env=VLLM_ENV, capture_output=True,
+                       text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+@needs_vllm
+def test_vllm_resume_is_exact(tmp_path, vllm_model):
+    """4 steps straight against 2 + --resume to 4 (three processes, three vLLM engines): the checkpoints'
+    weights to 1e-6 and every non-clock metric of steps 3 and 4 (the request seeds come from the step)."""
+    straight, cut = tmp_path / "a", tmp_path / "b"
+    vllm_run(vllm_flags(straight, *vllm_model, "--save-every", "2", steps=4))
+    vllm_run(vllm_flags(cut, *vllm_model, "--save-every", "2", steps=2))
+    vllm_run(vllm_flags(cut, *vllm_model, "--save-every", "2", "--resume", steps=4))
+    a, b = params(str(straight / "checkpoint-4")), params(str(cut / "checkpoint-4"))
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    ma, mb = run_metrics(str(straight)), run_metrics(str(cut))
+    worst = max(abs(v - mb[s][k]) for s in (3, 4) for k, v in ma[s].items() if not k.startswith(WALL_CLOCK))
+    print(f"resume: weights max |diff| {diff:.1e}, metrics of steps 3-4 max |diff| {worst:.1e}")
+    assert diff <= 1e-6, diff
+    assert sorted(mb) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for k, v in ma[step].items():
+            if not k.startswith(WALL_CLOCK):
+                assert abs(v - mb[step][k]) <= 1e-6, (step, k, v, mb[step][k])
+
+
+@needs_vllm
+def test_vllm_sigterm_in_a_rollout_checkpoints_the_steps_start_and_exits_0(tmp_path, vllm_model):
+    """A stop in the middle of step 2's vLLM rollout (32 responses of up to 400 tokens at temperature 2: a
+    rollout of seconds) aborts its requests, writes checkpoint-1 (the state before step 2) and exits 0, well
+    before a rollout could have finished; --resume then runs step 2."""
+    import signal
+    import time
+    argv = vllm_flags(tmp_path, *vllm_model, "--group-size", "8", "--temperature", "2", "--max-response-length",
+                      "400", steps=3)
+    log = open(tmp_path.parent / "sigterm.log", "w+")  # a file: vLLM's logging would fill a pipe and block
+    p = subprocess.Popen([sys.executable, "calibrl.py", *argv], cwd=HERE, env=VLLM_ENV, stdout=log,
+                         stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    try:
+        with deadline(240):
+            while not (metrics.exists() and '"step": 1,' in metrics.read_text()):
+                time.sleep(0.1)
+        time.sleep(0.5)
+        p.send_signal(signal.SIGTERM)                 # step 2's rollout has begun
+        t0 = time.time()
+        p.wait(timeout=120)
+    finally:
+        p.kill()
+    log.seek(0)
+    out = log.read()
+    waited, rollout_s = time.time() - t0, run_metrics(str(tmp_path))[1]["time/rollout"]
+    print(f"exit {p.returncode} {waited:.1f} s after the signal; step 1's rollout took {rollout_s:.1f} s")
+    assert p.returncode == 0, out[-3000:]
+    assert "stopped by signal in step 2" in out and "checkpoint-1" in out, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert [s for s, _ in checkpoints.checkpoints(str(tmp_path))] == [1]
+    assert sorted(run_metrics(str(tmp_path))) == [1]
+    assert waited < rollout_s, "the rollout ran to its end: the stop did not cut it"
+    vllm_run([*argv[:argv.index("--steps") + 1], "2", *argv[argv.index("--steps") + 2:], "--resume"])
+    assert sorted(run_metrics(str(tmp_path))) == [1, 2]
+
+
+@needs_vllm
+def test_vllm_temperature_above_2_is_one_line_before_the_model_loads(tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: --rollout vllm: --temperature 3.0 > 2, vLLM's largest"):
+        train(tmp_path / "o", "--rollout", "vllm", "--temperature", "3", "--model", str(tmp_path / "none"), steps=1)

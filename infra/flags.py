@@ -74,6 +74,9 @@ def check_vllm(args):
     if args.rollout_cuda_graph:
         raise SystemExit("error: --rollout-cuda-graph is the engine's: vLLM captures its own CUDA "
                          "graphs (drop the flag with --rollout vllm)")
+    if args.temperature > 2:  # vLLM's SamplingParams refuses it, at the first rollout
+        raise SystemExit(f"error: --rollout vllm: --temperature {args.temperature} > 2, vLLM's "
+                         "largest (the engine takes any)")
     most = max(args.group_size, args.eval_samples)
     if most > vllm_rollout.SEED_SPACING:
         raise SystemExit(f"error: --rollout vllm: --group-size / --eval-samples {most} > "
