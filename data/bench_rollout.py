@@ -18,6 +18,13 @@ with end-of-sequence ignored, CUDA memory capped at 80 GB (set_per_process_memor
     python data/bench_rollout.py --gpu-3b                                 # .ci/gpu_check.sh runs it
     python data/bench_rollout.py --gpu-3b --smoke   # the same script at toy sizes on the CPU
 
+The rollout backends (--rollout engine / vllm), on the tiny head_dim-64 text model (vLLM's CPU
+attention refuses the demo's head_dim 16), the same 16 text prompts, G = 8, 64 new tokens, the
+end of sequence ignored, each backend in its own process, through calibrl.generate as training
+calls it (vLLM's time includes its weight sync, also given alone); run it in an environment with vLLM:
+    OMP_NUM_THREADS=1 python data/bench_rollout.py --backend both    # or engine, or vllm
+On the CPU vLLM is a correctness backend: its speed matters on GPUs.
+
 Every configuration runs in its own subprocess: peak RSS only grows, and each CUDA run starts from
 an empty allocator. Peak memory is the CUDA allocator's peak during the rollout (weights
 included), else the process's peak RSS, with its rise over the RSS just before the rollout. Each
@@ -239,6 +246,79 @@ def worker(cfg, out_path):
     torch.save(dict(result=res, responses=[o.cpu() for o in out]), out_path)
 
 
+def backend_worker(cfg, out_path):
+    """--backend: one backend's rollout of cfg's prompts through calibrl.generate -> out_path."""
+    import resource
+    import torch
+    import calibrl
+    from infra import vllm_rollout
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    args = calibrl.parse_args(["--model", cfg["model"], "--preset", "demo", "--rollout",
+                               cfg["backend"], "--max-response-length", str(cfg["T"]),
+                               "--max-prompt-length", "1024"])  # vLLM's max_model_len: their sum
+    device = torch.device("cpu")
+    model, _, tok, _ = calibrl.load_model(cfg["model"], torch.float32, device)
+    model.eval()
+    tok.stop_ids = []  # the end of sequence ignored: every response has T tokens on both backends
+    policy = calibrl.Policy(model, args.temperature, tok.suppress_ids, False)
+    rng = random.Random(0)
+    texts = ["Context: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(100, 200)))
+             + f"\nWhat is {i} + {i}?" for i in range(cfg["prompts"])]
+    exs = [{"messages": [{"role": "user", "content": [{"type": "text", "text": t}]}]}
+           for t in texts]
+    encs = [calibrl.encode_prompt(tok, ex, False) for ex in exs]
+    rss0 = rss_gb()
+    if cfg["backend"] == "vllm":
+        policy.vllm = vllm_rollout.Engine(cfg["model"], model, tok, tok, args, torch.float32,
+                                          device)
+    calibrl.generate(policy, tok, encs[:1], 1, args, key=0)  # warm-up
+    best = None
+    for _ in range(cfg["repeats"]):
+        torch.manual_seed(0)
+        t0 = time.time()
+        r = calibrl.generate(policy, tok, encs, cfg["G"], args, key=1)
+        dt = time.time() - t0
+        if best is None or dt < best[0]:
+            best = dt, r
+    dt, r = best
+    n = sum(len(x) for x in r.responses)
+    res = dict(cfg, seconds=dt, tokens=n, tokens_per_sec=n / dt,
+               sync_s=r.stats.get("time/weight_sync", 0.0), rss_before_gb=rss0,
+               peak_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+               prompt_tokens=[e["input_ids"].shape[1] for e in encs])
+    torch.save(dict(result=res), out_path)
+    os._exit(0)  # vLLM's engine-core teardown is not needed for a measurement
+
+
+def backends(which, repeats):
+    """--backend: each backend in its own process on the same prompts; prints a table."""
+    import torch
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "CUDA_VISIBLE_DEVICES": ""}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    with tempfile.TemporaryDirectory() as tmp:
+        model = tiny_text_model(os.path.join(tmp, "m"))
+        print("| backend | tokens | s | tokens/s | of which weight sync s | peak RSS GB (rise) |\n"
+              "|---|---|---|---|---|---|")
+        for b in (["engine", "vllm"] if which == "both" else [which]):
+            cfg = dict(backend=b, model=model, prompts=16, G=8, T=64, repeats=repeats)
+            path = os.path.join(tmp, b + ".pt")
+            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--backend-worker",
+                                json.dumps(cfg), "--out", path], env=env, capture_output=True,
+                               text=True)
+            if p.returncode != 0 or not os.path.exists(path):
+                print(f"{b}: FAILED\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}", flush=True)
+                sys.exit(1)
+            r = torch.load(path)["result"]
+            lens = r["prompt_tokens"]
+            rise = r["peak_gb"] - r["rss_before_gb"]
+            print(f"| {b} | {r['tokens']} | {r['seconds']:.2f} | {r['tokens_per_sec']:.0f} | "
+                  f"{r['sync_s']:.3f} | {r['peak_gb']:.2f} (+{rise:.2f}) |", flush=True)
+        print(f"\nCPU, {len(lens)} prompts of {min(lens)}-{max(lens)} tokens, G = 8, 64 new "
+              f"tokens, the fastest of {repeats}; peak RSS includes vLLM's KV cache "
+              "(VLLM_CPU_KVCACHE_SPACE GiB)")
+
+
 # -----------------------------------------------------------------------------
 # The table.
 
@@ -270,12 +350,20 @@ def main():
     p.add_argument("--repeats", type=int, default=None,
                    help="timed runs per configuration, the fastest kept (default 2 on the CPU, "
                         "1 on a GPU)")
+    p.add_argument("--backend", choices=["engine", "vllm", "both"], default=None,
+                   help="the rollout backends (--rollout) on the tiny text model, each in its "
+                        "own process")
+    p.add_argument("--backend-worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
         return worker(json.loads(a.worker), a.out)
+    if a.backend_worker:
+        return backend_worker(json.loads(a.backend_worker), a.out)
     a.repeats = a.repeats or (1 if a.gpu_3b and not a.smoke else 2)
+    if a.backend:
+        return backends(a.backend, a.repeats)
     base = dict(gpu=a.gpu_3b, smoke=a.smoke, repeats=a.repeats, compact=True, cuda_graph=False,
                 batch_prompts=0, budget_prompts=0, ignore_eos=False)
     if a.gpu_3b:  # today: --rollout-batch-prompts 16, the paper preset's before the rollout engine
