@@ -21,7 +21,7 @@ with end-of-sequence ignored, CUDA memory capped at 80 GB (set_per_process_memor
 The rollout backends (--rollout engine / vllm), on the tiny head_dim-64 text model (vLLM's CPU
 attention refuses the demo's head_dim 16), the same 16 text prompts, G = 8, 64 new tokens, the
 end of sequence ignored, each backend in its own process, through calibrl.generate as training
-calls it (vLLM's time includes its weight sync, also given alone); run it in an environment with vLLM:
+calls it (vLLM's time includes its weight sync, also given alone); in an environment with vLLM:
     OMP_NUM_THREADS=1 python data/bench_rollout.py --backend both    # or engine, or vllm
 On the CPU vLLM is a correctness backend: its speed matters on GPUs.
 
