@@ -458,7 +458,8 @@ def micro_batches(rows, stand_in, args, model, pad_id, device):
         L = {id(g): g.enc["input_ids"].shape[1] for _, g in rows}
         tokens = [len(r.resp) + (0 if shared else L[id(g)]) for r, g in rows]
         chunks = packing.packed_micro_batches(rows, tokens, [id(g) for _, g in rows],
-                                              args.max_tokens_per_micro_batch, L if shared else None)
+                                              args.max_tokens_per_micro_batch,
+                                              L if shared else None)
     else:
         chunks = packing.micro_batches(rows, args.micro_batch_size)
     for chunk in chunks:
