@@ -98,9 +98,11 @@ class Args:
     prompts_per_step: int = arg(16, "prompts per training step, over all ranks")
     mini_batch_prompts: int = arg(16, "prompts (whole groups) per optimizer step, over all ranks")
     micro_batch_size: int = arg(64, "--pack off: rows per forward (gradient accumulation)")
-    pack: str = arg("on", "pi_old pass and update: rows packed end to end, no padding, a "
-                    "prompt's images encoded once (off: padded, the readable path)", ["on", "off"])
-    max_tokens_per_micro_batch: int = arg(8192, "--pack on: tokens (prompt + response) per forward")
+    pack: str = arg("on", "pi_old pass and update: packed, no padding, each prompt (its images "
+                    "included) forwarded once for its rows (rows: once per row; off: padded, the "
+                    "readable path)", ["on", "rows", "off"])
+    max_tokens_per_micro_batch: int = arg(8192, "--pack on/rows: tokens per forward (on: each "
+                                          "prompt once, its rows' responses)")
     rollout_max_tokens: int = arg(65536, "KV positions per rollout call: prompt + G responses each")
     rollout_cuda_graph: bool = arg(False, "decode with a CUDA graph (not yet measured on a GPU)")
     rollout: str = arg("engine", "who samples: infra/engine.py, or vLLM", ["engine", "vllm"])
@@ -456,21 +458,24 @@ class Policy(torch.nn.Module):
 def micro_batches(rows, stand_in, args, model, pad_id, device):
     """The one chooser of micro-batches for the pi_old pass and the update: (Row, Group) pairs ->
     per forward (its pairs, weight, the policy's inputs). --pack on: at most
-    --max-tokens-per-micro-batch tokens (prompt + response) packed, a group's rows together unless
-    that costs a forward (packing.packed_micro_batches); off: --micro-batch-size padded rows. Every
+    --max-tokens-per-micro-batch tokens packed, each prompt once and its rows' responses, a group's
+    rows together unless that costs a forward (packing.packed_micro_batches); rows: each row its
+    prompt + response; off: --micro-batch-size padded rows. Every
     rank runs as many forwards: dummy work scores `stand_in` with weight 0 (distributed.in_step)."""
-    packed = args.pack == "on"
-    if packed:  # a row costs its prompt + response tokens; a group shares one vision forward
-        tokens = [g.enc["input_ids"].shape[1] + len(r.resp) for r, g in rows]
+    packed, shared = args.pack != "off", args.pack == "on"
+    if packed:  # a row costs its response + its prompt, which shared rows pay once per forward
+        L = {id(g): g.enc["input_ids"].shape[1] for _, g in rows}
+        tokens = [len(r.resp) + (0 if shared else L[id(g)]) for r, g in rows]
         chunks = packing.packed_micro_batches(rows, tokens, [id(g) for _, g in rows],
-                                              args.max_tokens_per_micro_batch)
+                                              args.max_tokens_per_micro_batch,
+                                              L if shared else None)
     else:
         chunks = packing.micro_batches(rows, args.micro_batch_size)
     for chunk in chunks:
         batch, w = (chunk, 1.0) if chunk else ([stand_in], 0.0)
         encs, resps = [g.enc for _, g in batch], [r.resp for r, _ in batch]
-        packing.count_forward(encs, resps, packed, w)  # perf/pad_frac, perf/vision_encodes
-        yield batch, w, ((packing.pack_rows(model, encs, resps).to(device),) if packed
+        packing.count_forward(encs, resps, packed, w, shared)  # perf/positions, pad_frac, ...
+        yield batch, w, ((packing.pack_rows(model, encs, resps, shared).to(device),) if packed
                          else collate(family.of(model), encs, resps, pad_id, device))
 
 @torch.no_grad()

@@ -1898,7 +1898,7 @@ import types  # noqa: E402
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen25  # noqa: E402
 from transformers.models.qwen2 import modeling_qwen2 as qwen2  # noqa: E402
 
-PACK_BUDGET = 400
+PACK_BUDGET = 240  # the longest row (219 tokens, 229 on InternVL) fits; a group is cut
 PACK_TOL = 1e-10
 VISION = ("model.visual", "model.vision_tower", "model.multi_modal_projector")  # Qwen, InternVL
 
@@ -1935,6 +1935,33 @@ def test_pack_plan_budget_every_row_once_equal_forwards(budget):
     with pytest.raises(ValueError, match="row 1 has 300 tokens"):
         packing.plan_micro_batches([10, 300], [0, 0], 256)
     assert distributed.in_step(packing.plan_micro_batches([], [], 100)) == []
+
+
+@pytest.mark.parametrize("budget", [450, 1000, 4096])
+def test_pack_plan_with_shared_prompts_counts_each_prompt_once_per_micro_batch(budget):
+    """--pack on's plan: a row costs its response, a prompt its L once in every micro-batch holding any of
+    its rows (twice when its group is cut in two): every row once, each micro-batch's shared cost within
+    the budget, forwards near the lower bound, and fewer than rows packed alone need."""
+    for seed, n in enumerate([7, 3, 5]):
+        tokens, groups = lognormal_rows(n, 9, seed, prompt=(200, 800))
+        L = {}
+        for g, t in zip(groups, tokens):  # lognormal_rows draws one L per group: recover it as the minimum
+            L[g] = min(L.get(g, t), t)
+        L = {g: l - 1 for g, l in L.items()}                     # every row keeps a response of >= 1 token
+        resp = [t - L[g] for t, g in zip(tokens, groups)]
+        plan = packing.plan_micro_batches(resp, groups, budget + 800, L)
+        cost = lambda mb: sum(resp[i] for i in mb) + sum(L[g] for g in {groups[i] for i in mb})  # noqa: E731
+        assert sorted(i for mb in plan for i in mb) == list(range(len(tokens)))
+        assert all(cost(mb) <= budget + 800 for mb in plan)
+        assert len(plan) <= -(-(sum(resp) + sum(L.values())) // (budget + 800)) + 1
+        assert len(plan) <= len(packing.plan_micro_batches(tokens, groups, budget + 800))
+    # two groups of 2 x 10-token responses behind 100-token prompts: 120 each, whole, in one forward of
+    # 240; rows alone would cost 440
+    assert packing.plan_micro_batches([10] * 4, [0, 0, 1, 1], 240, {0: 100, 1: 100}) == [[0, 1, 2, 3]]
+    # cut in two, the group pays its prompt in each part: 100 + 60 + 60 > 200
+    assert packing.plan_micro_batches([60, 60], [0, 0], 200, {0: 100}) == [[0], [1]]
+    with pytest.raises(ValueError, match="row 0 has 301 tokens"):
+        packing.plan_micro_batches([1], [0], 300, {0: 300})
 
 
 def test_pack_budget_is_checked_before_the_model_loads():
@@ -2051,9 +2078,10 @@ def pi_old_and_update(model, tok, groups, args):
 
 @pytest.mark.parametrize("algo", ["calibrl", "luffy"])
 def test_packed_pi_old_and_update_equal_padded_float64(tiny64, float64_throughout, algo):
-    """calibrl.old_logprobs and calibrl.update, --pack on (budget 400, gradient checkpointing on) against
-    --pack off (4 rows per micro-batch): log-probs, entropies, loss, every gradient (the vision tower's
-    included), the update's stats, to 1e-10 in float64."""
+    """calibrl.old_logprobs and calibrl.update, --pack on (each prompt once per micro-batch, a group cut
+    across micro-batches by the budget of 240) and --pack rows (gradient checkpointing on) against --pack
+    off (4 rows per micro-batch): log-probs, entropies, loss, every gradient (the vision tower's included),
+    the update's stats, to 1e-10 in float64."""
     packed_equals_padded(*tiny64, algo)
 
 
@@ -2062,27 +2090,34 @@ def packed_equals_padded(model, processor, tok, algo):
     groups = pack_groups(processor)
     tokens = [g.enc["input_ids"].shape[1] + len(r.resp) for g in groups for r in g.all_rows()]
     assert PACK_BUDGET / 2 < max(tokens) <= PACK_BUDGET
+    # the shared prompts' plan cuts a group across micro-batches, each holding its prompt once
+    L = {id(g): g.enc["input_ids"].shape[1] for g in groups}
+    pairs = [(r, g) for g in groups for r in g.all_rows()]
+    plan = packing.plan_micro_batches([len(r.resp) for r, _ in pairs], [id(g) for _, g in pairs], PACK_BUDGET, L)
+    assert len(plan) > 1 and any(len({id(pairs[i][1]) for i in mb}) < len(mb) for mb in plan)
+    assert any(sum(id(pairs[i][1]) == id(g) for i in mb) not in (0, len(g.all_rows())) for mb in plan for g in groups)
     ref = pi_old_and_update(model, tok, groups, calibrl.parse_args(common + ["--pack", "off", "--micro-batch-size", "4"]))
-    model.train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    try:
-        got = pi_old_and_update(model, tok, groups, calibrl.parse_args(
-            common + ["--max-tokens-per-micro-batch", str(PACK_BUDGET)]))
-    finally:
-        model.gradient_checkpointing_disable()
-        model.eval()
-    for i, ((lp_r, en_r), (lp, en)) in enumerate(zip(ref[0], got[0])):
-        close(lp, lp_r, PACK_TOL, f"row {i} log pi_old")
-        close(en, en_r, PACK_TOL, f"row {i} entropy")
-    close(got[1], ref[1], PACK_TOL, "loss")
-    assert ref[2].keys() == got[2].keys()
     assert any(n.startswith(VISION) and g.abs().max() > 0 for n, g in ref[2].items())
-    for n in ref[2]:
-        close(got[2][n], ref[2][n], PACK_TOL, f"gradient {n}")
-    # the stats: means over micro-batches weighted by their counted tokens, which for LUFFY include the
-    # expert's while the means are over on-policy tokens: those depend on the partition, packed or not
-    for k in ref[3] if algo == "calibrl" else ["loss/grad_norm"]:
-        close(got[3][k][0] / got[3][k][1], ref[3][k][0] / ref[3][k][1], PACK_TOL, k)
+    for pack in ("on", "rows"):  # each prompt once (the default), or once per row
+        model.train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        try:
+            got = pi_old_and_update(model, tok, groups, calibrl.parse_args(
+                common + ["--pack", pack, "--max-tokens-per-micro-batch", str(PACK_BUDGET)]))
+        finally:
+            model.gradient_checkpointing_disable()
+            model.eval()
+        for i, ((lp_r, en_r), (lp, en)) in enumerate(zip(ref[0], got[0])):
+            close(lp, lp_r, PACK_TOL, f"--pack {pack}: row {i} log pi_old")
+            close(en, en_r, PACK_TOL, f"--pack {pack}: row {i} entropy")
+        close(got[1], ref[1], PACK_TOL, f"--pack {pack}: loss")
+        assert ref[2].keys() == got[2].keys()
+        for n in ref[2]:
+            close(got[2][n], ref[2][n], PACK_TOL, f"--pack {pack}: gradient {n}")
+        # the stats: means over micro-batches weighted by their counted tokens, which for LUFFY include the
+        # expert's while the means are over on-policy tokens: those depend on the partition, packed or not
+        for k in ref[3] if algo == "calibrl" else ["loss/grad_norm"]:
+            close(got[3][k][0] / got[3][k][1], ref[3][k][0] / ref[3][k][1], PACK_TOL, f"--pack {pack}: {k}")
 
 
 def test_shared_vision_forward_equals_per_row(tiny64, float64_throughout):
@@ -2165,12 +2200,18 @@ def test_packed_attention_leaves_generate_and_the_padded_forward_unchanged(tiny6
 
 
 def test_pack_on_and_off_train_alike(tmp_path):
-    """One step of the demo (float32, same seed, same rollouts) packed and --pack off: the same loss,
-    entropy and gradient norm to float32 noise, and the step's perf metrics. --alpha 1: with the default
+    """One step of the demo (float32, same seed, same rollouts) packed (prompts shared), --pack rows and
+    --pack off: the same loss, entropy and gradient norm to float32 noise, and the step's perf metrics. --alpha 1: with the default
     0.5 a rollout sharing the expert's prefix puts z = log pi - l^E at the LeakyReLU kink, where the
     last bit of either path picks the slope (README, departures) and moves the gradient norm by ~1e-3."""
-    runs = {p: run_metrics(train(tmp_path / p, "--pack", p, "--alpha", "1", steps=1))[1] for p in ("on", "off")}
-    on, off = runs["on"], runs["off"]
+    runs = {p: run_metrics(train(tmp_path / p, "--pack", p, "--alpha", "1", steps=1))[1] for p in ("on", "rows", "off")}
+    on, off, rows = runs["on"], runs["off"], runs["rows"]
+    for k in ("train/entropy", "loss/ppo", "loss/guided", "loss/ratio", "loss/grad_norm"):
+        assert abs(rows[k] - on[k]) <= 1e-5 * max(1.0, abs(on[k])), (k, rows[k], on[k])
+    # each prompt once per micro-batch: fewer positions than one forward per row (rows), padding more
+    assert on["perf/positions"] < rows["perf/positions"] < off["perf/positions"]
+    assert on["perf/positions_saved"] > 0 == rows["perf/positions_saved"] > off["perf/positions_saved"]
+    assert rows["perf/pad_frac"] == 0 and rows["perf/vision_encodes"] == on["perf/vision_encodes"]
     assert on["train/reward"] == off["train/reward"]                  # identical rollouts
     for k in ("train/entropy", "loss/ppo", "loss/guided", "loss/ratio", "loss/grad_norm"):
         assert abs(on[k] - off[k]) <= 1e-5 * max(1.0, abs(off[k])), (k, on[k], off[k])
@@ -2183,15 +2224,15 @@ def test_pack_on_and_off_train_alike(tmp_path):
 
 
 def test_packed_update_is_independent_of_the_number_of_ranks(tmp_path):
-    """FIXED_ROLLOUT_UPDATE with a budget of 220 tokens (one or two rows): several micro-batches per pass,
+    """FIXED_ROLLOUT_UPDATE with a budget of 150 tokens (each prompt once per micro-batch): several micro-batches per pass,
     groups cut, uneven forward counts between the two ranks (weight-0 dummies: the only padding);
     CalibRL only."""
     script = tmp_path / "fixed_update_packed.py"
-    src = FIXED_ROLLOUT_UPDATE.replace('"--micro-batch-size", "3"', '"--max-tokens-per-micro-batch", "220"')
+    src = FIXED_ROLLOUT_UPDATE.replace('"--micro-batch-size", "3"', '"--max-tokens-per-micro-batch", "150"')
     src = src.replace('for algo in ("calibrl", "luffy"):', 'for algo in ("calibrl",):')  # half the time
     src = src.replace("if rank == 0:\n", "result['padding'] = torch.tensor(distributed.all_sum(packing.FORWARDS['padding']))\n"
                       "if rank == 0:\n")
-    assert "220" in src and "padding" in src and '("calibrl",)' in src
+    assert "150" in src and "padding" in src and '("calibrl",)' in src
     script.write_text(src)
     subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], cwd=HERE, env=CPU_ENV, check=True,
                    capture_output=True)
@@ -2329,14 +2370,14 @@ def test_internvl_rollout_matches_generate(internvl):
 
 def test_internvl_under_torchrun_equals_one_rank_and_resumes_exactly(internvl, tmp_path, coin_reward):
     """FSDP2 (the vision tower and the projector as units of their own): FIXED_ROLLOUT_UPDATE packed at a
-    220-token budget (groups cut, weight-0 dummy forwards) gives the parameters of one rank, the vision
+    150-token budget (groups cut, weight-0 dummy forwards) gives the parameters of one rank, the vision
     tower's and the decoder's moved; the main loop trains and evaluates on 2 ranks (the rollout on whole
     weights); a resumed run equals an uninterrupted one."""
     script = tmp_path / "fixed_update_internvl.py"
     src = FIXED_ROLLOUT_UPDATE.replace("calibrl.DEMO_MODEL", "sys.argv[2]").replace(
-        '"--micro-batch-size", "3"', '"--max-tokens-per-micro-batch", "220"').replace(
+        '"--micro-batch-size", "3"', '"--max-tokens-per-micro-batch", "150"').replace(
         'for algo in ("calibrl", "luffy"):', 'for algo in ("calibrl",):')
-    assert src.count("sys.argv[2]") == 1 and "220" in src
+    assert src.count("sys.argv[2]") == 1 and "150" in src
     script.write_text(src)
     subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt"), internvl], cwd=HERE, env=CPU_ENV,
                    check=True, capture_output=True)

@@ -5,7 +5,7 @@
 #     bash .ci/gpu_check.sh 00 07      # only the steps named (their number prefixes)
 #
 # Steps, most informative first, each with its own timeout (00-06 add up to under 10 minutes, one
-# device call; 07 needs a second call or a shorter list; no GPU has run this yet: trim the timeouts
+# device call; 07 and 08 need a second call or a shorter list; no GPU has run this yet: trim the timeouts
 # once one has):
 #   00 environment and versions          03 the fused op at the Qwen2.5-VL-3B head shape, bf16,
 #   01 the GPU-only tests                   N = 32,768 and 6,144: time / floor, memory, f64 check
@@ -13,10 +13,12 @@
 #                                           FSDP2, the fused op, CUDA memory capped at 80 GB
 #   05 the rollout at the 3B shape: transformers' generate (the rollout before the engine) against the engine,
 #      eager and with a CUDA graph: tokens/s, peak memory (80 GB cap), identical tokens
-#   06 packed vs padded pi_old pass and update at the 3B shape (data/bench_packing.py): positions,
+#   06 packed (prompts shared; rows) vs padded pi_old pass and update at the 3B shape (data/bench_packing.py): positions,
 #      time, peak memory, and the update's memory for two budgets x two longest rows, capped at 80 GB
 #   07 2 training steps on a random model of InternVL3-2B's shape (InternViT-300M + Qwen2.5-1.5B, 448 px
 #      tiles of 256 features): --preset paper, bf16, FSDP2, the fused op, CUDA memory capped at 80 GB
+#   08 the long-prompt mix at the 3B shape (prompts of ~1,000 tokens, G = 8, responses of ~100): prompts
+#      shared against rows packed as before, and padded
 # A step that fails or times out is reported and the next one runs. Later checks add steps here.
 set -u
 cd "$(dirname "$0")/.."
@@ -67,4 +69,9 @@ step 07_train_internvl3_2b 150 bash -c 'python data/make_demo.py --random-intern
       --data data/demo/train.jsonl --eval-data data/demo/val.jsonl --eval-max-prompts 16 --eval-every 2 \
       --steps 2 --prompts-per-step 16 --mini-batch-prompts 8 --max-response-length 256 --fused on \
       --dtype bfloat16 --output-dir /tmp/gpu-check-internvl --overwrite'
+step 08_bench_long_prompts 110 bash -c '{ test -d /tmp/qwen2.5-vl-3b-random ||
+      python data/make_demo.py --random-3b /tmp/qwen2.5-vl-3b-random; } &&
+    python data/bench_packing.py --model /tmp/qwen2.5-vl-3b-random --device cuda --dtype bfloat16 --fused \
+      --gradient-checkpointing --quick --prompt-tokens 1000 --resp-mean 100 --resp-cap 200 --max-tokens 32768 \
+      --memory-cap-gb 80'
 # With time left over: python kernels/sweep.py compile && python kernels/sweep.py sweep  (~4 min)

@@ -1,15 +1,19 @@
 """
-data/bench_packing.py -- the pi_old pass and one update, packed (--pack on) against padded
-(--pack off), run by calibrl's own old_logprobs and update on a long-tailed mix of rows:
+data/bench_packing.py -- the pi_old pass and one update, packed with each prompt once per
+micro-batch (--pack on), packed one row at a time (--pack rows) and padded (--pack off), run by
+calibrl's own old_logprobs and update on a long-tailed mix of rows:
 
     python data/bench_packing.py              # tiny Qwen2.5-VL on the CPU: both tables (~1 min)
     python data/bench_packing.py --quick      # 8 prompts, no budget sweep (~10 s)
+    python data/bench_packing.py --quick --prompt-tokens 1000 --resp-mean 100 --resp-cap 200
+                                              # the long-prompt mix: ~1,000-token prompts, G = 8
     python data/bench_packing.py --model /tmp/qwen2.5-vl-3b-random --device cuda \
         --dtype bfloat16 --fused --gradient-checkpointing --image-size 448 --resp-mean 600 \
         --resp-cap 4096 --max-tokens 32768 --micro-batch-size 8 --memory-cap-gb 80
                                               # the 3B shape on a GPU (.ci/gpu_check.sh step 05)
 
-The mix: P prompts x (G sampled rows + the expert's row); half the prompts have a square image,
+The mix: P prompts x (G sampled rows + the expert's row), each prompt --prompt-tokens long with a
+filler context when asked; half the prompts have a square image,
 half a 4:3 one twice as wide (two image sizes); response lengths lognormal with mean --resp-mean,
 capped at --resp-cap, one row of --resp-cap tokens; a quarter of the groups have equal rewards
 (A = 0: their rows skip the update, departure 8). Random response ids of ordinary tokens. The
@@ -58,6 +62,10 @@ def make_groups(processor, tok, cfg, seed=0):
         w, h = (side, side) if p % 2 == 0 else (2 * side, 3 * side // 2)
         image = Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy())
         text = f"How many squares are in the image? Add {p % 5} to it. " + calibrl.INSTRUCTION
+        words = "the of a number square image count red blue add think answer cell grid".split()
+        while len(tok(text, add_special_tokens=False)["input_ids"]) < cfg["prompt_tokens"] - 40:
+            text = " ".join(words[int(torch.randint(len(words), (), generator=g))] for _ in range(20)) \
+                + " " + text                               # a context in front: the long-prompt mix
         msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         chat = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         enc = dict(processor(text=[chat], images=[image], return_tensors="pt"))
@@ -99,7 +107,7 @@ def run(cfgs):
     sched = type("Constant", (), {"step": lambda self: None})()
     def counted():
         n = dict(packing.FORWARDS)
-        packing.FORWARDS.update(positions=0, padding=0, images=0)
+        packing.FORWARDS.update(positions=0, padding=0, images=0, rows=0)
         return n["positions"], n["padding"], n["images"]
 
     def one(cfg, groups, opt, out):
@@ -145,6 +153,7 @@ def run(cfgs):
         groups = make_groups(processor, tok, cfg)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
         out = dict(cfg, rows=sum(len(g.all_rows()) for g in groups),
+                   prompt_lengths=[g.enc["input_ids"].shape[1] for g in groups],
                    images=sum(family.num_images(g.enc) for g in groups),
                    response_tokens=sum(len(r.resp) for g in groups for r in g.all_rows()))
         try:
@@ -193,6 +202,8 @@ def main():
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--image-size", type=int, default=56, help="side of the square images; the "
                     "others are 2x by 1.5x that")
+    ap.add_argument("--prompt-tokens", type=int, default=0, help="pad each prompt to about this "
+                    "many tokens with a filler context (the long-prompt mix: 1000)")
     ap.add_argument("--resp-mean", type=float, default=60)
     ap.add_argument("--resp-cap", type=int, default=400)
     ap.add_argument("--micro-batch-size", type=int, default=16, help="padded: rows per forward")
@@ -203,30 +214,31 @@ def main():
         print(json.dumps(run(json.loads(a.run))))
         return
     base = dict(P=8 if a.quick else a.prompts, G=a.group_size, image_size=a.image_size,
-                resp_mean=a.resp_mean, resp_cap=a.resp_cap, longest=a.resp_cap, passes="both",
+                resp_mean=a.resp_mean, resp_cap=a.resp_cap, prompt_tokens=a.prompt_tokens, longest=a.resp_cap, passes="both",
                 budget=a.max_tokens, mbs=a.micro_batch_size, model=a.model, device=a.device,
                 dtype=a.dtype, fused=a.fused, gradient_checkpointing=a.gradient_checkpointing,
                 memory_cap_gb=a.memory_cap_gb)
     longest, budgets = (a.resp_cap, 4 * a.resp_cap), (a.max_tokens // 2, 2 * a.max_tokens)
-    cfgs = [dict(base, mode=m) for m in ("off", "on")]
+    cfgs = [dict(base, mode=m) for m in ("off", "rows", "on")]
     if not a.quick:
         for n in longest:
             cfgs += [dict(base, mode="on", passes="update", budget=b, longest=n) for b in budgets]
             cfgs.append(dict(base, mode="off", passes="update", longest=n))
     res = measure(cfgs)
-    pd, pk = res[0], res[1]
-    for r in (pd, pk):
+    pd, pr, pk = res[:3]
+    for r in (pd, pr, pk):
         if "error" in r:
             raise SystemExit(f"--pack {r['mode']}: {r['error']}")
+    prompt = sum(g for g in pk["prompt_lengths"]) / len(pk["prompt_lengths"])
     print(f"\n{pd['P']} prompts x ({pd['G']} + 1) rows = {pd['rows']} rows, {pd['images']} images, "
-          f"{pd['response_tokens']} response tokens (lognormal mean {a.resp_mean:g}, cap "
-          f"{a.resp_cap}); {a.model or 'tiny Qwen2.5-VL'}, {a.device} {a.dtype}"
-          f"{', fused' if a.fused else ''}"
+          f"prompts of {prompt:.0f} tokens on average, {pd['response_tokens']} response tokens "
+          f"(lognormal mean {a.resp_mean:g}, cap {a.resp_cap}); {a.model or 'tiny Qwen2.5-VL'}, "
+          f"{a.device} {a.dtype}{', fused' if a.fused else ''}"
           f"{', gradient checkpointing' if a.gradient_checkpointing else ''}")
-    print(f"padded: --pack off --micro-batch-size {a.micro_batch_size}; "
-          f"packed: --max-tokens-per-micro-batch {a.max_tokens}\n")
+    print(f"padded: --pack off --micro-batch-size {a.micro_batch_size}; packed (rows; on: each "
+          f"prompt once): --max-tokens-per-micro-batch {a.max_tokens}\n")
     print(f"{'':8s}{'pass':8s}{'positions':>10s}{'pad_frac':>10s}{'vision_enc':>11s}{'time_s':>8s}")
-    for name, r in (("padded", pd), ("packed", pk)):
+    for name, r in (("padded", pd), ("rows", pr), ("shared", pk)):
         for p, what in (("old", "pi_old"), ("upd", "update")):
             n = r[p + "_positions"]
             print(f"{name:8s}{what:8s}{n:10d}{r[p + '_pad'] / n:10.3f}"
@@ -235,17 +247,18 @@ def main():
     pad = lambda r: (r["old_pad"] + r["upd_pad"]) / pos(r)  # noqa: E731
     enc = lambda r: (r["old_images"] + r["upd_images"]) / r["images"]  # noqa: E731
     sec = lambda r: r["old_s"] + r["upd_s"]  # noqa: E731
-    print(f"\nboth passes: perf/pad_frac {pad(pd):.3f} -> {pad(pk):.3f}; "
-          f"perf/vision_encodes {enc(pd):.2f} -> {enc(pk):.2f}")
-    print(f"padded / packed: positions {pos(pd) / pos(pk):.2f}x, time {sec(pd) / sec(pk):.2f}x, "
-          f"peak memory {pd['peak_mb']:.0f} / {pk['peak_mb']:.0f} MB = "
-          f"{pd['peak_mb'] / max(pk['peak_mb'], 1e-9):.2f}x")
+    print(f"\nboth passes: perf/pad_frac {pad(pd):.3f} -> {pad(pr):.3f} -> {pad(pk):.3f}; "
+          f"perf/vision_encodes {enc(pd):.2f} -> {enc(pr):.2f} -> {enc(pk):.2f}")
+    for name, r in (("padded", pd), ("rows", pr)):
+        print(f"{name} / shared: positions {pos(r) / pos(pk):.2f}x, time {sec(r) / sec(pk):.2f}x, "
+              f"peak memory {r['peak_mb']:.0f} / {pk['peak_mb']:.0f} MB = "
+              f"{r['peak_mb'] / max(pk['peak_mb'], 1e-9):.2f}x")
     if not a.quick:
         cell = lambda r: (f"{r['error']:>20s}" if "error" in r  # noqa: E731
                           else f"{r['peak_mb']:17.0f} MB")
         print("\nupdate peak memory (above the loaded model and Adam state), one optimizer step:")
         print(f"{'':28s}" + "".join(f"{f'longest row {n}':>20s}" for n in longest))
-        sweep = res[2:]
+        sweep = res[3:]
         labels = [f"packed, budget {b}" for b in budgets] + [f"padded, {a.micro_batch_size} rows"]
         for k, label in enumerate(labels):
             print(f"{label:28s}" + "".join(cell(sweep[j * 3 + k]) for j in range(len(longest))))

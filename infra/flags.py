@@ -56,7 +56,7 @@ def check_args(args, world):
     if args.rollout == "vllm":
         check_vllm(args)
     longest = args.max_prompt_length + args.max_response_length
-    if args.pack == "on" and args.max_tokens_per_micro_batch < longest:
+    if args.pack != "off" and args.max_tokens_per_micro_batch < longest:
         # the budget is what memory was sized for: a row over it would fail hours into a run
         raise SystemExit(f"error: --max-tokens-per-micro-batch {args.max_tokens_per_micro_batch} < "
                          f"--max-prompt-length {args.max_prompt_length} + --max-response-length "
