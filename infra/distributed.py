@@ -48,8 +48,18 @@ def close():
 
 
 def active():
-    """Whether a process group exists (torchrun)."""
-    return torch.distributed.is_initialized()
+    """Whether calibrl runs under torchrun with its process group. Not merely is_initialized(): in
+    a plain process vLLM makes a group of one for itself (--rollout vllm), which is not a run of
+    ranks (no FSDP2, no blank images, no agreement to reach)."""
+    return "RANK" in os.environ and torch.distributed.is_initialized()
+
+
+def _on_backend(x):
+    """x as a float64 tensor (a copy) where the process group can reduce it: NCCL reduces only
+    CUDA tensors, gloo CPU ones."""
+    nccl = active() and torch.distributed.get_backend() == "nccl"
+    dev = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    return torch.as_tensor(x).to(dev, torch.float64, copy=True)
 
 
 def get_rank():
@@ -61,19 +71,19 @@ def world_size():
 
 
 def all_sum(x):
-    """Sum a float or tensor over ranks (identity on one process)."""
-    t = torch.as_tensor(x, dtype=torch.float64).clone()
+    """Sum a float or tensor over ranks (identity on one process) -> a float, or a CPU tensor."""
+    t = _on_backend(x)
     if active():
         torch.distributed.all_reduce(t)
-    return t if torch.is_tensor(x) else t.item()
+    return t.cpu() if torch.is_tensor(x) else t.item()
 
 
 def all_max(x):
-    """The largest float (or tensor, elementwise) over ranks."""
-    t = torch.as_tensor(x, dtype=torch.float64).clone()
+    """The largest float (or tensor, elementwise) over ranks -> a float, or a CPU tensor."""
+    t = _on_backend(x)
     if active():
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return t if torch.is_tensor(x) else t.item()
+    return t.cpu() if torch.is_tensor(x) else t.item()
 
 
 def barrier():
