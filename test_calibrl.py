@@ -2515,7 +2515,7 @@ def test_vllm_request_is_unexpanded_ids_and_images_and_a_length_mismatch_is_an_e
     from infra import vllm_rollout
     path = calibrl.DEMO_MODEL if kind == "qwen2.5-vl" else request.getfixturevalue("internvl")
     model, proc, tok, is_vlm = calibrl.load_model(path, torch.float32, "cpu")
-    img, wrap = model.config.image_token_id, vllm_rollout.image_wrap(tok)
+    img, wrap = model.config.image_token_id, family.of(model).image_wrap(tok)
     assert is_vlm and len(wrap) == (2 if kind == "internvl" else 0)
     exs = calibrl.load_examples(calibrl.DEMO_TRAIN, calibrl.parse_args([]), proc, tok, True, say=lambda *a: None)
     for ex in exs[:3]:

@@ -74,6 +74,11 @@ class Text:
         (departure 11)."""
         return []
 
+    def image_wrap(self, tok):
+        """(start, end) ids the processor puts around each image's placeholder run, or () (Qwen:
+        <|vision_start|> is the chat template's, not the processor's)."""
+        return ()
+
     def positions(self, enc):
         """One unpadded prompt -> (pos (A, n) long, delta int): the k-th generated token has
         position n + k + delta on every axis (transformers' rope_deltas)."""
@@ -176,6 +181,11 @@ class InternVL(Text):
         ids = {tok.convert_tokens_to_ids(t) for t in (getattr(tok, k, None) for k in names) if t}
         return sorted({self.image_token_id} | {i for i in ids if isinstance(i, int)
                                                and i != tok.unk_token_id})
+
+    def image_wrap(self, tok):
+        """<img> and </img>, which the tokenizer names (the processor reads them there)."""
+        names = [getattr(tok, k, None) for k in ("start_image_token", "end_image_token")]
+        return tuple(tok.convert_tokens_to_ids(t) for t in names) if all(names) else ()
 
     def num_features(self, enc):
         return int((enc["input_ids"] == self.image_token_id).sum())  # the processor's expansion

@@ -43,7 +43,7 @@ import time
 
 import torch
 
-from infra import distributed, engine
+from infra import distributed, engine, family
 
 SEED_SPACING = 1024  # a prompt's n samples take seeds base .. base + n - 1: n <= this
 GAP_WARN = {torch.float32: 1e-4}  # rollout/logprob_gap above this is a warning; exact: ~1e-6
@@ -115,13 +115,6 @@ def collapse_images(ids, image_token_id, wrap=()):
             out.pop()                               # the run's start
         out.append(t)
     return out
-
-
-def image_wrap(tok):
-    """(start, end) ids of the tokens the processor puts around each image's run (InternVL's <img>
-    and </img>, which its tokenizer names), or () (Qwen: <|vision_start|> is the template's)."""
-    names = [getattr(tok, k, None) for k in ("start_image_token", "end_image_token")]
-    return tuple(tok.convert_tokens_to_ids(t) for t in names) if all(names) else ()
 
 
 def build_request(enc, image_token_id, wrap=()):
@@ -201,7 +194,7 @@ class Engine:
                              f"({type(e).__name__}: {first})")
         self.vllm, self.cuda, self.dtype, self.args = vllm, cuda, dtype, args
         self.image_token_id = getattr(model.config, "image_token_id", None)
-        self.wrap = image_wrap(tok)
+        self.wrap = family.of(model).image_wrap(tok)  # InternVL's <img> </img>, else ()
         self.checked, self.calls = False, 0
         distributed.CLOSERS.append(self.close)  # before the process group, which vLLM uses
         if cuda:
